@@ -1,0 +1,79 @@
+"""Automatic checks for the labs' exercises: each compares a learner's answer with labs_lib.
+
+`check(name, answer)` prints what is right or wrong; it never raises, so an unfinished exercise
+does not stop the rest of the notebook. `judge(name, answer)` returns (ok, detail) for tests.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .blockquant import NVFP4, unpack_nibbles
+from .formats import cast, decode
+from .roofline import MODEL_PARAMS, weight_bytes
+
+__all__ = ["check", "judge", "EXERCISES"]
+
+_PROBE = torch.tensor([0.0, -0.0, 1.0, 0.1, -3.3, 17.0, 240.0, 250.0, 449.0, 1e6, -1e6, 2.0**-7, 2.0**-9, 3 * 2.0**-11, 2.0**-12])
+
+
+def _function_matches(reference: Callable, probe: torch.Tensor) -> Callable:
+    def judge(fn) -> tuple[bool, str]:
+        got = fn(probe.clone())
+        if got is None:
+            return False, "not attempted yet: your function returns None."
+        got = torch.as_tensor(got).float()
+        want = reference(probe)
+        wrong = ~((got == want) | (torch.isnan(got) & torch.isnan(want)))
+        if wrong.any():
+            i = int(wrong.nonzero()[0])
+            return False, f"for x = {probe[i].item():g} you return {got[i].item():g}, expected {want[i].item():g}"
+        return True, f"all {len(probe)} probe values match labs_lib bit for bit"
+
+    return judge
+
+
+def _number_close(value: Callable[[], float], rel: float = 0.01) -> Callable:
+    def judge(answer) -> tuple[bool, str]:
+        want = value()
+        ok = math.isclose(float(answer), want, rel_tol=rel)
+        return ok, f"expected about {want:.4g}" if not ok else f"{float(answer):.4g} is right"
+
+    return judge
+
+
+EXERCISES: dict[str, Callable] = {
+    # lab 01
+    "round_to_e4m3": _function_matches(lambda x: cast(x, "fp8_e4m3"), _PROBE),
+    "llama8b_nvfp4_gb": _number_close(lambda: weight_bytes(MODEL_PARAMS["Llama-3.1-8B"][0], NVFP4().bits_per_weight()) / 1e9),
+    # lab 02
+    "nvfp4_bits_block32": _number_close(lambda: NVFP4(block_size=32).bits_per_weight(), rel=1e-6),
+    "decode_byte_0x2b": lambda pair: _packed_pair(0x2B, pair),
+}
+
+
+def _packed_pair(byte: int, pair) -> tuple[bool, str]:
+    want = tuple(decode(unpack_nibbles(torch.tensor([byte], dtype=torch.uint8)), "fp4_e2m1").tolist())
+    if tuple(float(v) for v in pair) == want:
+        return True, f"0x{byte:02X} holds {want[0]:g} (low nibble, even element) and {want[1]:g} (high nibble)"
+    return False, "the low nibble is the first (even) element; decode each nibble as sign | 2 exponent bits | 1 mantissa bit"
+
+
+def judge(name: str, answer) -> tuple[bool, str]:
+    """(correct?, explanation) for `answer` to exercise `name`; None means not attempted yet."""
+    if answer is None:
+        return False, "not attempted yet: fill in the cell above and run this one again."
+    try:
+        return EXERCISES[name](answer)
+    except Exception as exc:  # a learner's bug should read as feedback, not a crash
+        return False, f"your answer raised {type(exc).__name__}: {exc}"
+
+
+def check(name: str, answer) -> None:
+    """Print whether `answer` solves exercise `name`."""
+    ok, detail = judge(name, answer)
+    status = "correct" if ok else ("" if detail.startswith("not attempted") else "not yet: ")
+    print(f"[{name}] {status}{': ' if ok else ''}{detail}")

@@ -1,0 +1,80 @@
+"""Apply a quantization scheme to a whole model by simulation ("fake quantization").
+
+Weights are replaced by their quantize-dequantize round trip; activations, when asked for, are
+rounded on the way into each Linear layer. The matmuls stay in float, so any CPU can run it and
+the numbers equal what a low-precision kernel would compute up to its accumulation order.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from tqdm.auto import tqdm
+
+from .blockquant import NVFP4, PerTensor, Scheme
+
+__all__ = ["linear_layers", "calibrate_input_amax", "fake_quantized_copy"]
+
+SKIP = ("lm_head",)  # the output head stays in high precision, as Model Optimizer's defaults keep it
+
+
+def linear_layers(model, skip: tuple[str, ...] = SKIP) -> dict[str, torch.nn.Linear]:
+    return {
+        name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip)
+    }
+
+
+@torch.inference_mode()
+def calibrate_input_amax(model, batches: torch.Tensor, skip: tuple[str, ...] = SKIP) -> dict[str, torch.Tensor]:
+    """Largest |input| each Linear sees over the calibration batches (the static activation range)."""
+    amax: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, args):
+            a = args[0].detach().abs().amax().float()
+            amax[name] = torch.maximum(amax[name], a) if name in amax else a
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in linear_layers(model, skip).items()]
+    try:
+        for batch in tqdm(batches, desc="calibrating", leave=False):
+            model(batch.unsqueeze(0).to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return amax
+
+
+def _activation_hook(scheme: Scheme, amax: torch.Tensor | None):
+    static = isinstance(scheme, (NVFP4, PerTensor)) and amax is not None
+
+    def hook(module, args):
+        x = args[0]
+        q = scheme.fake_quantize(x, global_amax=amax) if static else scheme.fake_quantize(x)
+        return (q.to(x.dtype), *args[1:])
+
+    return hook
+
+
+@torch.no_grad()
+def fake_quantized_copy(
+    model,
+    weights: Scheme | None = None,
+    activations: Scheme | None = None,
+    input_amax: dict[str, torch.Tensor] | None = None,
+    skip: tuple[str, ...] = SKIP,
+):
+    """A copy of `model` whose Linear weights (and optionally inputs) go through the schemes.
+
+    `input_amax` (from `calibrate_input_amax`) gives activations a static per-tensor range, as a
+    deployed W4A4/W8A8 checkpoint stores it; without it each input uses its own maximum.
+    """
+    model = copy.deepcopy(model)
+    for name, layer in linear_layers(model, skip).items():
+        if weights is not None:
+            layer.weight.copy_(weights.fake_quantize(layer.weight).to(layer.weight.dtype))
+        if activations is not None:
+            layer.register_forward_pre_hook(_activation_hook(activations, (input_amax or {}).get(name)))
+    return model

@@ -1,0 +1,81 @@
+"""Each lab's measured numbers and plots, written to results/ for the report (never typed by hand)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+from .hardware import device_info
+from .lab import LabConfig
+
+LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "gguf", "ml-dtypes", "numpy")
+
+__all__ = ["results_dir", "save_figure", "save_results", "library_versions"]
+
+
+def results_dir() -> Path:
+    """$LABS_RESULTS_DIR, else results/ in this repository (where labs_lib is installed editable)."""
+    if os.environ.get("LABS_RESULTS_DIR"):
+        path = Path(os.environ["LABS_RESULTS_DIR"])
+    else:
+        repo = Path(__file__).resolve().parents[1]
+        path = repo / "results" if (repo / "notebooks").is_dir() else Path.cwd() / "results"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def save_figure(fig, cfg: LabConfig, name: str) -> Path:
+    """Save a matplotlib figure as results/figures/<lab>-<name>.png and remember it for the report."""
+    folder = results_dir() / "figures"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{cfg.lab}-{name}.png"
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    rel = f"figures/{path.name}"
+    if rel not in cfg.figures:
+        cfg.figures.append(rel)
+    return path
+
+
+def save_results(cfg: LabConfig, headline: dict, tables: dict[str, list[dict]] | None = None) -> Path:
+    """results/<lab>.json: what ran (model, corpus, profile, device, versions) and what it measured."""
+    record = {
+        "lab": cfg.lab,
+        "title": cfg.title,
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "profile": cfg.profile,
+        "sizes": cfg.sizes,
+        "model": cfg.model,
+        "corpus": cfg.corpus,
+        "device": device_info(),
+        "versions": library_versions(),
+        "headline": headline,
+        "tables": tables or {},
+        "figures": cfg.figures,
+    }
+    path = results_dir() / f"{cfg.lab}.json"
+    _write_atomic(path, json.dumps(record, indent=1, default=float).encode())
+    return path

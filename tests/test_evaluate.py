@@ -1,0 +1,73 @@
+"""Perplexity, storage accounting and fake quantization on the embedded model."""
+
+import math
+
+import pytest
+import torch
+
+from labs_lib.blockquant import NVFP4, IntGroup, PerTensor
+from labs_lib.data import evaluation_tokens
+from labs_lib.evaluate import markdown_table, perplexity, quantization_error, storage_report
+from labs_lib.fake_quant import calibrate_input_amax, fake_quantized_copy, linear_layers
+
+
+@pytest.fixture(scope="module")
+def eval_ids(tokenizer, corpus):
+    return evaluation_tokens(tokenizer, corpus, 2048)
+
+
+@pytest.fixture(scope="module")
+def fp32_ppl(model, eval_ids):
+    return perplexity(model, eval_ids, window=512)
+
+
+def test_perplexity_matches_a_direct_computation(model, eval_ids, fp32_ppl):
+    windows = eval_ids[:2048].reshape(4, 512)
+    with torch.inference_mode():
+        losses = [model(w[None], labels=w[None]).loss.item() for w in windows]  # mean over 511 tokens each
+    assert fp32_ppl == pytest.approx(math.exp(sum(losses) / 4), rel=1e-4)
+    assert 5 < fp32_ppl < 40  # a working 135M model on English technical text
+
+
+def test_quantization_orders_perplexity(model, eval_ids, fp32_ppl):
+    bf16 = perplexity(fake_quantized_copy(model, PerTensor("bf16", scaled=False)), eval_ids, window=512)
+    nvfp4 = perplexity(fake_quantized_copy(model, NVFP4()), eval_ids, window=512)
+    fp4_tensor = perplexity(fake_quantized_copy(model, PerTensor("fp4_e2m1")), eval_ids, window=512)
+    assert abs(bf16 / fp32_ppl - 1) < 0.01
+    assert fp32_ppl < nvfp4 < fp4_tensor
+
+
+def test_fake_quantized_copy_leaves_original_and_head_alone(model):
+    before = model.model.layers[0].mlp.down_proj.weight.clone()
+    q = fake_quantized_copy(model, NVFP4())
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
+    assert not torch.equal(q.model.layers[0].mlp.down_proj.weight, before)
+    assert torch.equal(q.lm_head.weight, model.lm_head.weight)  # lm_head (tied to the embedding) is skipped
+    assert len(linear_layers(model)) == 210
+
+
+def test_activation_quantization_changes_outputs(model, tokenizer, corpus):
+    from labs_lib.data import calibration_batches
+
+    calib = calibration_batches(tokenizer, corpus, 2, 64)
+    amax = calibrate_input_amax(model, calib)
+    assert len(amax) == 210 and all(a > 0 for a in amax.values())
+    w4 = fake_quantized_copy(model, NVFP4())
+    w4a4 = fake_quantized_copy(model, NVFP4(), NVFP4(), amax)
+    with torch.inference_mode():
+        assert not torch.equal(w4(calib[:1]).logits, w4a4(calib[:1]).logits)
+
+
+def test_storage_report_counts_tied_weights_once(model):
+    bf16 = storage_report(model)
+    assert bf16["total_bytes"] == 134_515_008 * 2
+    nvfp4 = storage_report(model, NVFP4())
+    linear_weights = sum(l.weight.numel() for l in linear_layers(model).values())
+    assert nvfp4["quantized_bytes"] == pytest.approx(linear_weights * 4.5 / 8 + 210 * 4)
+    assert storage_report(model, IntGroup(4, 64))["total_bytes"] < nvfp4["total_bytes"]
+
+
+def test_quantization_error_and_table():
+    x = torch.ones(100)
+    assert quantization_error(x, x * 1.1)["snr_db"] == pytest.approx(20.0)
+    assert markdown_table([{"a": 1, "b": 0.123456}]).splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.1235 |"]

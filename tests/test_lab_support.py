@@ -1,0 +1,64 @@
+"""Exercises' checker, profiles and lab header, results files and the report, the hardware note."""
+
+import importlib.metadata
+import json
+
+import pytest
+import torch
+
+from labs_lib import exercises
+from labs_lib.formats import cast
+from labs_lib.lab import PROFILES, setup_lab
+
+
+def test_exercise_checks_accept_right_and_reject_wrong(capsys):
+    assert exercises.judge("round_to_e4m3", lambda x: cast(x, "fp8_e4m3"))[0]
+    assert not exercises.judge("round_to_e4m3", lambda x: x.to(torch.float16).float())[0]
+    assert not exercises.judge("round_to_e4m3", lambda x: None)[0]
+    assert exercises.judge("llama8b_nvfp4_gb", 4.517)[0] and not exercises.judge("llama8b_nvfp4_gb", 4.0)[0]
+    assert exercises.judge("nvfp4_bits_block32", 4.25)[0] and not exercises.judge("nvfp4_bits_block32", 4.5)[0]
+    assert exercises.judge("decode_byte_0x2b", (-1.5, 1.0))[0] and not exercises.judge("decode_byte_0x2b", (1.0, -1.5))[0]
+    assert not exercises.judge("round_to_e4m3", lambda x: 1 / 0)[0]  # a learner's exception is feedback
+    exercises.check("nvfp4_bits_block32", None)
+    assert "not attempted" in capsys.readouterr().out
+
+
+def test_setup_lab_fills_sizes_from_profile(monkeypatch, capsys):
+    monkeypatch.delenv("LABS_PROFILE", raising=False)
+    cfg = setup_lab("99", "test", profile="quick", eval_tokens=1234)
+    assert cfg.eval_tokens == 1234 and cfg.calib_samples == PROFILES["quick"]["calib_samples"]
+    out = capsys.readouterr().out
+    assert "profile  quick" in out and "model" in out and "corpus" in out and "FP4" in out
+    with pytest.raises(Exception, match="Unknown profile"):
+        setup_lab("99", "test", profile="huge")
+
+
+def test_results_and_report(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labs_lib.report import build_report
+    from labs_lib.results import save_figure, save_results
+
+    monkeypatch.setenv("LABS_RESULTS_DIR", str(tmp_path))
+    cfg = setup_lab("98", "Report test", profile="quick")
+    fig, ax = plt.subplots()
+    ax.plot([1, 2])
+    save_figure(fig, cfg, "line")
+    save_results(cfg, {"perplexity": 12.5}, tables={"rows": [{"a": 1}]})
+    record = json.loads((tmp_path / "98.json").read_text())
+    assert record["headline"] == {"perplexity": 12.5} and record["figures"] == ["figures/98-line.png"]
+    assert record["versions"]["torch"] == importlib.metadata.version("torch") and record["profile"] == "quick"
+    report = build_report(tmp_path).read_text()
+    assert "Lab 98 · Report test" in report and "| perplexity | 12.5 |" in report and "![figures/98-line.png]" in report
+    assert not list(tmp_path.glob(".*"))  # no temporary files left
+
+
+def test_fp4_status_says_emulated_without_blackwell():
+    from labs_lib.hardware import FP4_MAJORS, fp4_status
+
+    if not torch.cuda.is_available():
+        assert "emulated" in fp4_status()
+    assert 12 in FP4_MAJORS and 9 not in FP4_MAJORS  # GB10 is 12.1; Hopper 9.0 has no FP4

