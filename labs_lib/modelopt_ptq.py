@@ -3,15 +3,13 @@ a clear error when it is missing, calibration with a progress bar, export writte
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import LabsError
+from .files import atomic_folder
 
 __all__ = ["require_modelopt", "modelopt_quantize", "modelopt_export", "checkpoint_files"]
 
@@ -43,17 +41,9 @@ def modelopt_export(model, folder: Path) -> Path:
     """`export_hf_checkpoint` into a temporary folder, renamed to `folder` only when complete."""
     from modelopt.torch.export import export_hf_checkpoint
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         export_hf_checkpoint(model, export_dir=str(tmp))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return Path(folder)
 
 
 def checkpoint_files(folder: Path) -> list[dict]:

@@ -9,15 +9,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import struct
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .errors import LabsError
+from .files import atomic_folder
 from .network import hub_reachable
 
 EMBEDDED = "embedded:SmolLM2-135M-Instruct"
@@ -67,15 +66,10 @@ def _embedded_folder() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:  # a half-written folder never has the final name
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf), "gguf_type": "Q4_1"}, indent=1))
-        os.replace(tmp, folder)  # atomic: a half-written folder never has the final name
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

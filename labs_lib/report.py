@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from .evaluate import markdown_table
-from .results import _write_atomic, results_dir
+from .files import write_atomic
+from .results import results_dir
 
 __all__ = ["build_report"]
 
@@ -52,5 +53,5 @@ def build_report(folder: Path | None = None) -> Path:
     for record in records:
         lines += _lab_section(record, run_log.get(record["lab"], {}).get("seconds"))
     path = folder / "REPORT.md"
-    _write_atomic(path, "\n".join(lines).encode())
+    write_atomic(path, "\n".join(lines).encode())
     return path

@@ -7,9 +7,9 @@ import importlib.metadata
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
+from .files import write_atomic
 from .hardware import device_info
 from .lab import LabConfig
 
@@ -37,13 +37,6 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return versions
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 def save_figure(fig, cfg: LabConfig, name: str) -> Path:
@@ -77,5 +70,5 @@ def save_results(cfg: LabConfig, headline: dict, tables: dict[str, list[dict]] |
         "figures": cfg.figures,
     }
     path = results_dir() / f"{cfg.lab}.json"
-    _write_atomic(path, json.dumps(record, indent=1, default=float).encode())
+    write_atomic(path, json.dumps(record, indent=1, default=float).encode())
     return path

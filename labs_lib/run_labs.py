@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from .report import build_report
-from .results import _write_atomic, results_dir
+from .files import write_atomic
+from .results import results_dir
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -41,7 +42,7 @@ def run(profile: str, model: str | None, labs: list[str] | None) -> int:
             print(exc, file=sys.stderr)
         seconds = round(time.perf_counter() - start, 1)
         log[lab] = {"notebook": nb.name, "profile": profile, "status": status, "seconds": seconds}
-        _write_atomic(log_path, json.dumps(log, indent=1).encode())
+        write_atomic(log_path, json.dumps(log, indent=1).encode())
         print(f"   {status} in {seconds} s", flush=True)
     print(f"report: {build_report()}")
     return 1 if failures else 0

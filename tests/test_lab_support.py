@@ -62,3 +62,18 @@ def test_fp4_status_says_emulated_without_blackwell():
     if not torch.cuda.is_available():
         assert "emulated" in fp4_status()
     assert 12 in FP4_MAJORS and 9 not in FP4_MAJORS  # GB10 is 12.1; Hopper 9.0 has no FP4
+
+
+def test_atomic_writes_leave_nothing_half_written(tmp_path):
+    from labs_lib.files import atomic_folder, write_atomic
+
+    write_atomic(tmp_path / "a.json", b"{}")
+    assert (tmp_path / "a.json").read_bytes() == b"{}"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(tmp_path / "export") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"partial")
+            raise RuntimeError("export failed half way")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    with atomic_folder(tmp_path / "export") as tmp:
+        (tmp / "done").write_text("ok")
+    assert (tmp_path / "export" / "done").read_text() == "ok"

@@ -20,7 +20,7 @@ def test_embedded_model_is_smollm2(model):
 def test_converted_checkpoint_is_cached():
     folder = models.cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-dequantized"
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
-    assert not list(folder.parent.glob(".converting-*"))  # nothing half-written left behind
+    assert not list(folder.parent.glob(".*"))  # nothing half-written left behind
 
 
 def test_model_generates_sensible_text(model, tokenizer):
