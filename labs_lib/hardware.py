@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -15,8 +16,7 @@ FP4_MAJORS = (10, 12)
 def device_info() -> dict:
     """Name, compute capability and native low-precision support of the device the labs use."""
     if not torch.cuda.is_available():
-        return {"device": "cpu", "name": platform.processor() or platform.machine(), "compute_capability": None,
-                "native_fp8": False, "native_fp4": False}
+        return {"device": "cpu", "name": _cpu_name(), "compute_capability": None, "native_fp8": False, "native_fp4": False}
     major, minor = torch.cuda.get_device_capability()
     return {
         "device": "cuda",
@@ -25,6 +25,17 @@ def device_info() -> dict:
         "native_fp8": (major, minor) >= (8, 9),
         "native_fp4": major in FP4_MAJORS,
     }
+
+
+def _cpu_name() -> str:
+    """CPU model and core count, e.g. 'Intel(R) Xeon(R) ... (2 cores)'."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
 
 
 def fp4_status() -> str:

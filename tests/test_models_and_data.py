@@ -93,3 +93,31 @@ def test_calibration_batches_reproducible(tokenizer, corpus):
 def test_unknown_corpus():
     with pytest.raises(LabsError, match="Unknown corpus"):
         load_corpus("my-corpus")
+
+
+def test_local_folder_model_path(tmp_path):
+    folder = models.cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-dequantized"
+    m = models.load_model(str(folder))
+    assert m.name_or_label == str(folder) and m.config.num_hidden_layers == 30
+
+
+def test_wikitext_path_uses_train_for_calibration_and_test_for_evaluation(monkeypatch):
+    """The Hub path, with `datasets.load_dataset` standing in for the network (same code otherwise)."""
+    import datasets
+
+    from labs_lib import data
+
+    calls = []
+
+    def fake_load_dataset(path, name):
+        calls.append((path, name))
+        return {"train": {"text": ["train line\n", "more train\n"]}, "test": {"text": [" = Title =\n", "test line\n"]}}
+
+    monkeypatch.setattr(data, "hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    corpus = data.load_corpus("wikitext-2-raw-v1")
+    assert calls == [("wikitext", "wikitext-2-raw-v1")]
+    assert corpus.calibration == "train line\nmore train\n" and corpus.evaluation == " = Title =\ntest line\n"
+    monkeypatch.setattr(data, "hub_reachable", lambda: False)
+    with pytest.raises(LabsError, match="cannot be reached"):
+        data.load_corpus("wikitext-2-raw-v1")
