@@ -140,7 +140,7 @@ def get_format(fmt: str | Format) -> Format:
 
 
 def _as_float(x) -> torch.Tensor:
-    """float32 inputs stay float32 (the table rounding is exact there); anything wider is float64."""
+    """Inputs of 32 bits or fewer compute in float32 (exact where `_float32_is_exact`); wider ones in float64."""
     x = torch.as_tensor(x)
     return x.float() if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else x.double()
 
