@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -44,9 +45,9 @@ def save_figure(fig, cfg: LabConfig, name: str) -> Path:
     folder = results_dir() / "figures"
     folder.mkdir(exist_ok=True)
     path = folder / f"{cfg.lab}-{name}.png"
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    write_atomic(path, buffer.getvalue())
     rel = f"figures/{path.name}"
     if rel not in cfg.figures:
         cfg.figures.append(rel)

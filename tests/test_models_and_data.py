@@ -1,6 +1,5 @@
 """Embedded model and corpus: loading, caching, errors that say what to do, reproducible batches."""
 
-import os
 
 import pytest
 import torch
