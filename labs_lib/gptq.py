@@ -90,7 +90,7 @@ class GPTQ:
         dead = H.diagonal() == 0  # inputs that never fire: their weights cannot matter
         H[dead, dead] = 1
         W[:, dead] = 0
-        perm = torch.argsort(H.diagonal(), descending=True) if self.act_order else torch.arange(n)
+        perm = torch.argsort(H.diagonal(), descending=True) if self.act_order else torch.arange(n, device=W.device)
         static = self.act_order or g == n  # group parameters fixed up front from the unmodified weight
         scale, zero = self.scheme.params(self.scheme.groups(W))  # (out, n // g)
         scale, zero = scale.T.contiguous(), None if zero is None else zero.T.contiguous()  # one row per group
@@ -103,7 +103,7 @@ class GPTQ:
         block = -(-self.block_size // g) * g if g < n else self.block_size  # groups never straddle blocks
         for b0 in range(0, n, block):
             b1 = min(b0 + block, n)
-            Ub, Eb, at_start = U[b0:b1, b0:b1], torch.empty(b1 - b0, Wt.shape[1]), Wt[b0:b1].clone()
+            Ub, Eb, at_start = U[b0:b1, b0:b1], torch.empty(b1 - b0, Wt.shape[1], device=W.device), Wt[b0:b1].clone()
             for j in range(b1 - b0):
                 i, k = b0 + j, int(perm[b0 + j]) // g  # k: this column's group
                 if not static and j % g == 0:  # a new group gets its scale and zero
