@@ -16,6 +16,7 @@ import torch
 from .blockquant import IntGroup
 from .fake_quant import SKIP, linear_layers
 from .layerwise import LayerInputs, collect_linear_inputs, quantize_layer_by_layer
+from .rtn import RTN
 
 __all__ = ["AWQ", "ScaleGroup", "llama_scale_groups", "fold_scale"]
 
@@ -135,16 +136,14 @@ class AWQ:
             for n in group.linears:  # the float model is unchanged; the recorded inputs are now x / s
                 features[n] = [c / s for c in features[n]]
             self.chosen[f"{prefix}.{group.linears[0]}"] = alpha
-        quantized = {}
+        quantized, rtn = {}, RTN(self.scheme)
         with torch.no_grad():
             for name in names:
                 w = modules[name].weight
                 if self.clip and not any(n in name for n in NO_CLIP):
                     bound = self.search_clip(w, torch.cat(features[name]))
                     w.copy_(torch.clamp(self.scheme.groups(w), -bound, bound).flatten(-2))
-                q = self.scheme.quantize(w)
-                w.copy_(self.scheme.dequantize(q).reshape(w.shape))
-                quantized[f"{prefix}.{name}"] = q
+                quantized[f"{prefix}.{name}"] = rtn.quantize_linear(modules[name])
         return quantized
 
     def quantize_model(self, model, batches: torch.Tensor, batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]]:

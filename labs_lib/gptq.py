@@ -117,12 +117,7 @@ class GPTQ:
             Wt[b1:].addmm_(U[b0:b1, b1:].T, Eb, alpha=-1)  # lazy update of every later column at once
 
         Q = Qt.T[:, torch.argsort(perm)]
-        scale, zero = scale.T, None if zero is None else zero.T.unsqueeze(-1)
-        codes = self.scheme.codes(self.scheme.groups(Q), scale.unsqueeze(-1), zero).flatten(-2)
-        out = {"codes": codes.to(torch.int8 if zero is None else torch.uint8), "scale": scale.half()}
-        if zero is not None:
-            out["zero"] = zero.squeeze(-1).to(torch.uint8)
-        return out
+        return self.scheme.quantize_with(Q, scale.T, None if zero is None else zero.T)
 
     def quantize_layer(self, prefix: str, layer: torch.nn.Module, inputs: LayerInputs) -> dict[str, dict[str, torch.Tensor]]:
         """Hessians from one pass over the layer's inputs, then every Linear of the layer in place.

@@ -25,11 +25,12 @@ class RTN:
         return f"RTN {self.scheme.name}"
 
     @torch.no_grad()
+    def quantize_linear(self, linear: torch.nn.Linear) -> dict[str, torch.Tensor]:
+        """Round one Linear's weight in place; returns its codes, scales and zeros."""
+        q = self.scheme.quantize(linear.weight)
+        linear.weight.copy_(self.scheme.dequantize(q).reshape(linear.weight.shape))
+        return q
+
     def quantize_model(self, model, batches: torch.Tensor | None = None, batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]]:
         """Round every Linear (except `skip`) in place; `batches` is accepted and unused, like GPTQ's."""
-        quantized = {}
-        for name, linear in linear_layers(model, self.skip).items():
-            q = self.scheme.quantize(linear.weight)
-            linear.weight.copy_(self.scheme.dequantize(q).reshape(linear.weight.shape))
-            quantized[name] = q
-        return quantized
+        return {name: self.quantize_linear(linear) for name, linear in linear_layers(model, self.skip).items()}
