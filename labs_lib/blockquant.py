@@ -13,7 +13,7 @@ import torch
 
 from .formats import FORMATS, cast, decode, encode
 
-__all__ = ["Scheme", "NVFP4", "MXFP4", "IntGroup", "PerTensor", "pack_nibbles", "unpack_nibbles"]
+__all__ = ["Scheme", "NVFP4", "MXFP4", "IntGroup", "PerTensor", "PerChannel", "pack_nibbles", "unpack_nibbles"]
 
 E2M1_MAX = FORMATS["fp4_e2m1"].max  # 6
 E4M3_MAX = FORMATS["fp8_e4m3"].max  # 448
@@ -271,3 +271,21 @@ class PerTensor(Scheme):
         n = torch.Size(shape).numel() if shape else None
         return FORMATS[self.fmt].bits + (32 / n if (n and self.scaled) else 0)
 
+
+
+@dataclass(repr=False)
+class PerChannel(PerTensor):
+    """A cast to `fmt` after one FP32 scale per output row (row amax / fmt max): FP8 weights' usual layout."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.fmt} per-channel"
+
+    def scale(self, w: torch.Tensor, global_amax: torch.Tensor | None = None) -> torch.Tensor:
+        scale = w.abs().amax(dim=-1, keepdim=True).float() / FORMATS[self.fmt].max
+        return torch.where(scale == 0, 1.0, scale)
+
+    def bits_per_weight(self, shape=None) -> float:
+        if not shape:
+            raise ValueError("a per-channel scheme needs the weight shape to count its scale bits")
+        return FORMATS[self.fmt].bits + 32 / shape[-1]

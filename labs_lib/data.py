@@ -17,7 +17,7 @@ from .network import hub_reachable
 EMBEDDED_CORPUS = "embedded:python-reference"
 WIKITEXT = "wikitext-2-raw-v1"
 
-__all__ = ["Corpus", "EMBEDDED_CORPUS", "WIKITEXT", "default_corpus", "load_corpus", "calibration_batches", "evaluation_tokens"]
+__all__ = ["Corpus", "EMBEDDED_CORPUS", "WIKITEXT", "default_corpus", "load_corpus", "calibration_batches", "evaluation_tokens", "tokenize"]
 
 
 @dataclass(frozen=True)
@@ -62,14 +62,15 @@ def load_corpus(name: str | None = None) -> Corpus:
     raise LabsError(f"Unknown corpus '{name}': use '{EMBEDDED_CORPUS}' or '{WIKITEXT}'.")
 
 
-def _tokenize(tokenizer, text: str) -> torch.Tensor:
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of `text` without special tokens (no warning for texts longer than the model context)."""
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 
 def calibration_batches(tokenizer, corpus: Corpus, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """`n_samples` windows of `seq_len` tokens at seeded random places of the calibration text."""
-    ids = _tokenize(tokenizer, corpus.calibration)
+    ids = tokenize(tokenizer, corpus.calibration)
     if len(ids) < seq_len + 1:
         raise LabsError(f"The calibration text has {len(ids)} tokens, fewer than seq_len={seq_len}.")
     g = torch.Generator().manual_seed(seed)
@@ -79,7 +80,7 @@ def calibration_batches(tokenizer, corpus: Corpus, n_samples: int, seq_len: int,
 
 def evaluation_tokens(tokenizer, corpus: Corpus, n_tokens: int) -> torch.Tensor:
     """The first `n_tokens` tokens of the evaluation text (the same tokens for every variant)."""
-    ids = _tokenize(tokenizer, corpus.evaluation)
+    ids = tokenize(tokenizer, corpus.evaluation)
     if len(ids) < n_tokens:
         raise LabsError(f"The evaluation text has {len(ids)} tokens; ask for at most that many.")
     return ids[:n_tokens]

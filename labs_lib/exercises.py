@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from .blockquant import NVFP4, IntGroup, unpack_nibbles
-from .formats import cast, decode
+from .formats import FORMATS, cast, decode
 from .roofline import MODEL_PARAMS, weight_bytes
 
 __all__ = ["check", "judge", "EXERCISES"]
@@ -58,7 +58,20 @@ EXERCISES: dict[str, Callable] = {
     # lab 04
     "awq_alpha_that_is_rtn": lambda alpha: _awq_alpha_is_identity(alpha),
     "int4_g32_asym_bits": _number_close(lambda: IntGroup(4, 32, symmetric=False).bits_per_weight(), rel=1e-6),
+    # lab 06
+    "e5m2_min_subnormal": _number_close(lambda: FORMATS["fp8_e5m2"].min_subnormal, rel=1e-9),
+    "delayed_scale_step4": _number_close(lambda: _delayed_scale([3.0, 12.0, 6.0]), rel=1e-6),
 }
+
+
+def _delayed_scale(amaxes: list[float]) -> float:
+    """The E4M3 scale delayed scaling uses at the step after tensors with these amaxes (no margin)."""
+    from .fp8 import ScalingRecipe, TensorScaler
+
+    scaler = TensorScaler("fp8_e4m3", ScalingRecipe("delayed"))
+    for amax in amaxes:
+        scaler.scale(torch.tensor([amax]))
+    return scaler.scale(torch.tensor([1.0])).item()
 
 
 def _gptq_two_weights() -> float:

@@ -35,6 +35,7 @@ def build_report(folder: Path | None = None) -> Path:
     """Render every results/<lab>.json into results/REPORT.md (run times from run_log.json)."""
     folder = Path(folder) if folder else results_dir()
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("[0-9][0-9]*.json"))]
+    records = [r for r in records if "headline" in r]  # a lab's own record, not a side file such as 06_fp8_gpu.json
     run_log = json.loads((folder / "run_log.json").read_text()) if (folder / "run_log.json").is_file() else {}
     if not records:
         raise FileNotFoundError(f"no lab results in {folder}: run the labs first (make run)")

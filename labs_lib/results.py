@@ -14,7 +14,8 @@ from .files import write_atomic
 from .hardware import device_info
 from .lab import LabConfig
 
-LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "gptqmodel", "gguf", "ml-dtypes", "numpy")
+LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "gptqmodel", "gguf", "llama_cpp_python", "torchao",
+             "transformer-engine", "lm_eval", "ml-dtypes", "numpy")
 RESULT_FILES = {"01": "01_data_types", "02": "02_nvfp4", "03": "03_gptq", "04": "04_awq", "05": "05_gguf",
                 "06": "06_fp8", "07": "07_quality", "08": "08_engine"}
 

@@ -19,6 +19,8 @@ def test_exercise_checks_accept_right_and_reject_wrong(capsys):
     assert exercises.judge("nvfp4_bits_block32", 4.25)[0] and not exercises.judge("nvfp4_bits_block32", 4.5)[0]
     assert exercises.judge("decode_byte_0x2b", (-1.5, 1.0))[0] and not exercises.judge("decode_byte_0x2b", (1.0, -1.5))[0]
     assert not exercises.judge("round_to_e4m3", lambda x: 1 / 0)[0]  # a learner's exception is feedback
+    assert exercises.judge("e5m2_min_subnormal", 2.0**-16)[0] and not exercises.judge("e5m2_min_subnormal", 2.0**-14)[0]
+    assert exercises.judge("delayed_scale_step4", 448 / 12)[0] and not exercises.judge("delayed_scale_step4", 448 / 6)[0]
     exercises.check("nvfp4_bits_block32", None)
     assert "not attempted" in capsys.readouterr().out
 
