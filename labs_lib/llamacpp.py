@@ -1,0 +1,96 @@
+"""llama.cpp through llama-cpp-python: quantize a GGUF, load it, and measure perplexity and speed.
+
+Perplexity uses the same non-overlapping windows as `evaluate.perplexity`, so a GGUF's number is
+comparable with the transformers numbers of the other labs on the same tokens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import LabsError
+
+__all__ = ["QUANT_TYPES", "require_llama_cpp", "quantize_gguf", "load_gguf", "gguf_perplexity", "gguf_speed"]
+
+QUANT_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+
+
+def require_llama_cpp():
+    """Import llama_cpp; OMP_WAIT_POLICY=PASSIVE first (busy-waiting threads made generation 30x slower on 2 cores)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import llama_cpp
+    except ImportError:
+        raise LabsError("llama-cpp-python is not installed: `make setup` builds it once (about 15 minutes on 2 cores) "
+                        "and keeps the wheel in .venv/wheels; see TROUBLESHOOTING.md, 'GGUF'.") from None
+    return llama_cpp
+
+
+def quantize_gguf(source: Path, target: Path, qtype: str, threads: int | None = None) -> Path:
+    """llama.cpp's `llama_model_quantize` from an F16/F32 GGUF to `qtype` (e.g. Q4_K_M), written atomically."""
+    llama_cpp = require_llama_cpp()
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None)
+    if ftype is None:
+        raise LabsError(f"llama.cpp has no quantization type {qtype}; try one of {', '.join(QUANT_TYPES)}.")
+    target = Path(target)
+    tmp = target.with_name(target.name + ".partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads or os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        raise LabsError(f"llama.cpp could not quantize {source} to {qtype} (return code {rc}).")
+    os.replace(tmp, target)
+    return target
+
+
+def load_gguf(path: Path, n_ctx: int = 1024, logits_all: bool = True):
+    """A llama_cpp.Llama on all cores; `logits_all` keeps every position's logits (needed for perplexity)."""
+    from .gguf_io import read_gguf
+
+    read_gguf(path)  # a clear error for a missing or damaged file, before llama.cpp sees it
+    llama_cpp = require_llama_cpp()
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
+                           n_threads=os.cpu_count(), verbose=False)
+
+
+def gguf_perplexity(llm, tokens: torch.Tensor, window: int = 1024, desc: str = "perplexity") -> float:
+    """exp(mean NLL) over non-overlapping windows, each scored from its second token (as evaluate.perplexity)."""
+    n = len(tokens) // window
+    if n == 0:
+        raise ValueError(f"need at least {window} tokens, got {len(tokens)}")
+    total, count = 0.0, 0
+    for i in tqdm(range(n), desc=desc, leave=False):
+        ids = tokens[i * window : (i + 1) * window].tolist()
+        llm.reset()
+        llm.eval(ids)
+        logits = torch.from_numpy(np.asarray(llm.scores[: window - 1], dtype=np.float32))
+        total += torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+        count += window - 1
+    return math.exp(total / count)
+
+
+def gguf_speed(path: Path, prompt: list[int], new_tokens: int = 64) -> dict[str, float]:
+    """Prompt tokens/s (time to the first generated token) and generation tokens/s, greedy, batch 1."""
+    llm = load_gguf(path, n_ctx=len(prompt) + new_tokens + 8, logits_all=False)
+    start = time.perf_counter()
+    first = None
+    produced = 0
+    for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        produced += 1
+        if first is None:
+            first = time.perf_counter()
+        if produced == new_tokens:
+            break
+    end = time.perf_counter()
+    return {"prompt tok/s": round(len(prompt) / (first - start), 1),
+            "generate tok/s": round((produced - 1) / (end - first), 1) if produced > 1 else float("nan")}
