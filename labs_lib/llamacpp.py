@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .errors import LabsError
 
-__all__ = ["QUANT_TYPES", "require_llama_cpp", "quantize_gguf", "load_gguf", "gguf_perplexity", "gguf_speed"]
+__all__ = ["QUANT_TYPES", "require_llama_cpp", "quantize_gguf", "load_gguf", "gguf_perplexity", "gguf_speed", "gguf_generate", "measure_gguf"]
 
 QUANT_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
 
@@ -29,7 +29,7 @@ def require_llama_cpp():
     try:
         import llama_cpp
     except ImportError:
-        raise LabsError("llama-cpp-python is not installed: `make setup` builds it once (about 15 minutes on 2 cores) "
+        raise LabsError("llama-cpp-python is not installed: `make llama` builds it once (about 15 minutes on 2 cores) "
                         "and keeps the wheel in .venv/wheels; see TROUBLESHOOTING.md, 'GGUF'.") from None
     return llama_cpp
 
@@ -82,15 +82,39 @@ def gguf_perplexity(llm, tokens: torch.Tensor, window: int = 1024, desc: str = "
 def gguf_speed(path: Path, prompt: list[int], new_tokens: int = 64) -> dict[str, float]:
     """Prompt tokens/s (time to the first generated token) and generation tokens/s, greedy, batch 1."""
     llm = load_gguf(path, n_ctx=len(prompt) + new_tokens + 8, logits_all=False)
-    start = time.perf_counter()
-    first = None
-    produced = 0
-    for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-        produced += 1
-        if first is None:
-            first = time.perf_counter()
-        if produced == new_tokens:
-            break
-    end = time.perf_counter()
+    try:
+        start = time.perf_counter()
+        first, produced = None, 0
+        for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            produced += 1
+            first = first or time.perf_counter()
+            if produced == new_tokens:
+                break
+        end = time.perf_counter()
+    finally:
+        llm.close()
     return {"prompt tok/s": round(len(prompt) / (first - start), 1),
             "generate tok/s": round((produced - 1) / (end - first), 1) if produced > 1 else float("nan")}
+
+
+def gguf_generate(path: Path, prompt: str, max_tokens: int = 24) -> str:
+    """Greedy continuation of `prompt` by llama.cpp."""
+    llm = load_gguf(path, n_ctx=256, logits_all=False)
+    try:
+        return llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)["choices"][0]["text"]
+    finally:
+        llm.close()
+
+
+def measure_gguf(path: Path, tokens: torch.Tensor, window: int = 1024, label: str | None = None) -> dict:
+    """One row of Lab 05's table: file size, bits per weight, llama.cpp perplexity on `tokens`, and speed."""
+    from .gguf_io import read_gguf
+
+    info = read_gguf(path)
+    llm = load_gguf(path, n_ctx=window)
+    try:
+        ppl = gguf_perplexity(llm, tokens, window=window, desc=label or Path(path).stem)
+    finally:
+        llm.close()
+    return {"type": label or Path(path).stem, "MB": round(info["file_bytes"] / 1e6, 1), "bits/weight": info["bits/weight"],
+            "perplexity": round(ppl, 4), **gguf_speed(path, tokens[:128].tolist())}

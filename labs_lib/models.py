@@ -23,7 +23,7 @@ EMBEDDED = "embedded:SmolLM2-135M-Instruct"
 HUB_TWIN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model, original BF16 weights, on the Hub
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-__all__ = ["EMBEDDED", "HUB_TWIN", "default_model", "load_model", "load_tokenizer", "embedded_gguf_path", "cache_dir"]
+__all__ = ["EMBEDDED", "HUB_TWIN", "default_model", "load_model", "load_tokenizer", "model_folder", "embedded_gguf_path", "cache_dir"]
 
 
 def cache_dir() -> Path:
@@ -87,6 +87,17 @@ def _resolve(name: str | None) -> tuple[str, str | Path]:
             f"DIR, or unset LABS_MODEL to use the embedded SmolLM2-135M-Instruct."
         )
     return name, name
+
+
+def model_folder(name: str | None = None) -> Path:
+    """The model as a local Hugging Face folder (fetched from the Hub if needed): what file converters read."""
+    label, source = _resolve(name)
+    if isinstance(source, Path):
+        return source
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(label):
+        return Path(snapshot_download(label, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
 
 
 def hub_error_message(name: str, exc: BaseException) -> str | None:

@@ -3,14 +3,16 @@ the one llama.cpp's converter wrote into the shipped SmolLM2 file, and damaged f
 The llama.cpp checks run where llama-cpp-python is installed."""
 
 import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from labs_lib.errors import LabsError
-from labs_lib.gguf_io import permute_for_rope, read_gguf, tensor_type_summary, write_gguf
-from labs_lib.models import embedded_gguf_path
+from labs_lib.gguf_io import compare_gguf, convert_with_llama_cpp, permute_for_rope, read_gguf, tensor_type_summary, write_gguf
+from labs_lib.models import EMBEDDED, embedded_gguf_path, model_folder
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,27 @@ def test_inspector_counts_types_and_bits(f16_gguf):
     assert summary["F16"]["bits/weight"] == 16.0 and summary["F32"]["bits/weight"] == 32.0
     shipped = {row["type"]: row for row in tensor_type_summary(read_gguf(embedded_gguf_path()))}
     assert shipped["Q4_1"]["bits/weight"] == 5.0 and shipped["Q8_0"]["bits/weight"] == 8.5  # 16-bit scale and min per 32
+
+
+def test_reader_agrees_with_the_gguf_package(f16_gguf):
+    from gguf import GGUFReader
+
+    for path in [f16_gguf, embedded_gguf_path()]:
+        info, reader = read_gguf(path), GGUFReader(str(path))
+        assert [(t["name"], t["type"], t["shape"], t["bytes"], t["offset"]) for t in info["tensors"]] == [
+            (t.name, t.tensor_type.name, [int(d) for d in t.shape], int(t.n_bytes), int(t.data_offset)) for t in reader.tensors]
+        fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        assert info["metadata"] == {k: f"[{len(v)} items]" if isinstance(v, list) and len(v) > 8 else v for k, v in fields.items()}
+
+
+@pytest.mark.skipif(not (Path(sys.prefix) / "llama-cpp-convert").is_dir(), reason="llama.cpp's converter is not installed")
+def test_llama_cpp_converter_writes_the_same_tensors_and_tokenizer(f16_gguf, tmp_path):
+    theirs = convert_with_llama_cpp(model_folder(EMBEDDED), tmp_path / "llama-cpp-f16.gguf")
+    same = compare_gguf(f16_gguf, theirs)
+    assert same["tensors identical"] == same["tensors"] == same["tensors theirs"]
+    assert {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "llama.rope.freq_base",
+            "llama.attention.head_count_kv", "general.file_type"} <= set(same["metadata equal"])
+    assert same["metadata differing"] == ["general.name"]
 
 
 def test_damaged_files_give_clear_errors(f16_gguf, tmp_path):

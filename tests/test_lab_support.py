@@ -20,6 +20,8 @@ def test_exercise_checks_accept_right_and_reject_wrong(capsys):
     assert exercises.judge("decode_byte_0x2b", (-1.5, 1.0))[0] and not exercises.judge("decode_byte_0x2b", (1.0, -1.5))[0]
     assert not exercises.judge("round_to_e4m3", lambda x: 1 / 0)[0]  # a learner's exception is feedback
     assert exercises.judge("e5m2_min_subnormal", 2.0**-16)[0] and not exercises.judge("e5m2_min_subnormal", 2.0**-14)[0]
+    assert exercises.judge("q4_0_bits", 4.5)[0] and not exercises.judge("q4_0_bits", 4.0)[0]
+    assert exercises.judge("q8_0_bytes_4096", 17_825_792)[0] and not exercises.judge("q8_0_bytes_4096", 4096 * 4096)[0]
     assert exercises.judge("delayed_scale_step4", 448 / 12)[0] and not exercises.judge("delayed_scale_step4", 448 / 6)[0]
     exercises.check("nvfp4_bits_block32", None)
     assert "not attempted" in capsys.readouterr().out

