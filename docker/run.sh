@@ -9,7 +9,7 @@ docker build -f "$repo/docker/Dockerfile" -t "$image" "$repo"
 mkdir -p "${HF_HOME:-$HOME/.cache/huggingface}" "$HOME/.cache/spark-quant-labs"
 exec docker run --rm -it \
   --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 \
-  -p 8888:8888 \
+  -p 8888:8888 --add-host=host.docker.internal:host-gateway \
   -v "${HF_HOME:-$HOME/.cache/huggingface}:/root/.cache/huggingface" \
   -v "$HOME/.cache/spark-quant-labs:/root/.cache/spark-quant-labs" \
   -v "$repo/notebooks:/workspace/spark-quant-labs/notebooks" \

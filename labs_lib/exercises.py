@@ -13,7 +13,7 @@ import torch
 
 from .blockquant import NVFP4, IntGroup, unpack_nibbles
 from .formats import FORMATS, cast, decode
-from .roofline import MODEL_PARAMS, weight_bytes
+from .roofline import HARDWARE, LLAMA_3_1_70B, MODEL_PARAMS, decode_bytes_per_token, decode_ceiling_tokens_per_s, weight_bytes
 
 __all__ = ["check", "judge", "EXERCISES"]
 
@@ -61,10 +61,24 @@ EXERCISES: dict[str, Callable] = {
     # lab 06
     "e5m2_min_subnormal": _number_close(lambda: FORMATS["fp8_e5m2"].min_subnormal, rel=1e-9),
     "delayed_scale_step4": _number_close(lambda: _delayed_scale([3.0, 12.0, 6.0]), rel=1e-6),
-    # lab 05: llama.cpp's Q4_0 block is 32 4-bit values + one FP16 scale; Q8_0's is 32 bytes + one FP16 scale
-    "q4_0_bits": _number_close(lambda: (32 * 4 + 16) / 32, rel=1e-9),
-    "q8_0_bytes_4096": _number_close(lambda: 4096 * 4096 // 32 * (32 + 2), rel=1e-9),
+    # lab 05: block sizes and bytes per block from the gguf package (llama.cpp's own table)
+    "q4_0_bits": _number_close(lambda: _ggml_bytes("Q4_0", 1) * 8, rel=1e-9),
+    "q8_0_bytes_4096": _number_close(lambda: _ggml_bytes("Q8_0", 4096 * 4096), rel=1e-9),
+    # lab 07: lm-eval's accuracy stderr is sqrt(p(1-p)/n) (up to n/(n-1)); bits per byte is log2(byte perplexity)
+    "mc_items_for_stderr": _number_close(lambda: 0.75 * 0.25 / 0.01**2, rel=0.02),
+    "bits_per_byte": _number_close(lambda: math.log2(1.8), rel=1e-3),
+    # lab 08
+    "decode_tok_s_example": _number_close(lambda: 63 / (1.38 - 0.12), rel=1e-3),
+    "llama70b_nvfp4_spark_ceiling": _number_close(lambda: decode_ceiling_tokens_per_s(
+        decode_bytes_per_token(LLAMA_3_1_70B, 4.5), HARDWARE["dgx_spark"].bandwidth_gb_s), rel=0.02),
 }
+
+
+def _ggml_bytes(qtype: str, n_weights: int) -> float:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    return n_weights / block * block_bytes
 
 
 def _delayed_scale(amaxes: list[float]) -> float:

@@ -6,9 +6,12 @@ comparable with the transformers numbers of the other labs on the same tokens.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,14 +21,16 @@ from tqdm.auto import tqdm
 
 from .errors import LabsError
 
-__all__ = ["QUANT_TYPES", "require_llama_cpp", "quantize_gguf", "load_gguf", "gguf_perplexity", "gguf_speed", "gguf_generate", "measure_gguf"]
+__all__ = ["QUANT_TYPES", "require_llama_cpp", "quantize_gguf", "gguf_for", "load_gguf", "gguf_perplexity", "gguf_speed", "gguf_generate", "measure_gguf"]
 
 QUANT_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
 
 
 def require_llama_cpp():
-    """Import llama_cpp; OMP_WAIT_POLICY=PASSIVE first (busy-waiting threads made generation 30x slower on 2 cores)."""
+    """Import llama_cpp; OMP_WAIT_POLICY=PASSIVE first (busy-waiting threads made generation 30x slower on 2 cores),
+    and llama.cpp's log (thousands of lines per quantization) limited to errors."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     try:
         import llama_cpp
     except ImportError:
@@ -45,12 +50,49 @@ def quantize_gguf(source: Path, target: Path, qtype: str, threads: int | None = 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+    with _captured_stderr() as log:
+        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0:
         tmp.unlink(missing_ok=True)
-        raise LabsError(f"llama.cpp could not quantize {source} to {qtype} (return code {rc}).")
+        tail = "\n".join(log[0].splitlines()[-5:])
+        raise LabsError(f"llama.cpp could not quantize {source} to {qtype} (return code {rc})" + (f":\n{tail}" if tail else "."))
     os.replace(tmp, target)
     return target
+
+
+def gguf_for(model_name: str, qtype: str) -> Path:
+    """The cached GGUF of `model_name` in `qtype` (Lab 05's files), made if missing: llama.cpp's converter to F16,
+    then `quantize_gguf`."""
+    from .gguf_io import convert_with_llama_cpp, gguf_file
+    from .models import model_folder
+
+    path = gguf_file(model_name, qtype)
+    if not path.is_file():
+        f16 = gguf_file(model_name, "F16")
+        if not f16.is_file():
+            convert_with_llama_cpp(model_folder(model_name), f16)
+        if qtype != "F16":
+            quantize_gguf(f16, path, qtype)
+    return path
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Send llama.cpp's log (one warning per tensor that needs a fallback type), which reaches both Python's
+    sys.stderr (through llama-cpp-python's log callback) and the C stderr, to a file, kept for errors."""
+    with tempfile.TemporaryDirectory() as folder:
+        log = Path(folder) / "llama.log"
+        saved = os.dup(2)
+        with open(log, "w") as sink, contextlib.redirect_stderr(sink):
+            os.dup2(sink.fileno(), 2)
+            captured: list[str] = []
+            try:
+                yield captured
+            finally:
+                sink.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                captured.append(log.read_text(errors="replace"))
 
 
 def load_gguf(path: Path, n_ctx: int = 1024, logits_all: bool = True):

@@ -15,11 +15,11 @@ from .hardware import device_info
 from .lab import LabConfig
 
 LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "gptqmodel", "gguf", "llama_cpp_python", "torchao",
-             "transformer-engine", "lm_eval", "ml-dtypes", "numpy")
+             "transformer-engine", "lm_eval", "bitsandbytes", "ml-dtypes", "numpy")
 RESULT_FILES = {"01": "01_data_types", "02": "02_nvfp4", "03": "03_gptq", "04": "04_awq", "05": "05_gguf",
                 "06": "06_fp8", "07": "07_quality", "08": "08_engine"}
 
-__all__ = ["results_dir", "save_figure", "save_results", "library_versions"]
+__all__ = ["results_dir", "save_figure", "save_results", "library_versions", "recorded"]
 
 
 def results_dir() -> Path:
@@ -31,6 +31,15 @@ def results_dir() -> Path:
         path = repo / "results" if (repo / "notebooks").is_dir() else Path.cwd() / "results"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def recorded(file_name: str) -> dict | None:
+    """A measurement taken on other hardware (e.g. a GPU record): from the results folder, else the copy
+    committed in this repository's results/; None if neither exists."""
+    for folder in (results_dir(), Path(__file__).resolve().parents[1] / "results"):
+        if (folder / file_name).is_file():
+            return json.loads((folder / file_name).read_text())
+    return None
 
 
 def library_versions() -> dict[str, str]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Hardware", "HARDWARE", "MODEL_PARAMS", "weight_bytes", "decode_ceiling_tokens_per_s"]
+__all__ = ["Hardware", "HARDWARE", "MODEL_PARAMS", "DecodeShape", "LLAMA_3_1_8B", "LLAMA_3_1_70B", "SPARK_PUBLISHED", "weight_bytes",
+           "decode_ceiling_tokens_per_s", "decode_bytes_per_token", "gguf_bytes_per_token", "roofline_plot"]
 
 
 @dataclass(frozen=True)
@@ -42,3 +43,94 @@ def weight_bytes(n_params: float, bits_per_weight: float) -> float:
 def decode_ceiling_tokens_per_s(bytes_per_token: float, bandwidth_gb_s: float) -> float:
     """Upper bound on batch-1 decode speed: bandwidth / bytes read per token (weights + KV cache)."""
     return bandwidth_gb_s * 1e9 / bytes_per_token
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """The sizes of a Llama-family decoder that set how many bytes one decode step reads."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters of the quantizable Linear layers (q, k, v, o, gate, up, down), lm_head not included."""
+        d = self.head_dim
+        per_layer = self.hidden * (self.heads + 2 * self.kv_heads) * d + self.heads * d * self.hidden + 3 * self.hidden * self.intermediate
+        return self.layers * per_layer
+
+
+# config.json of meta-llama/Llama-3.1-8B (https://huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json)
+LLAMA_3_1_8B = DecodeShape(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256)
+# config.json of meta-llama/Llama-3.1-70B (https://huggingface.co/meta-llama/Llama-3.1-70B/blob/main/config.json)
+LLAMA_3_1_70B = DecodeShape(hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=28672, vocab=128256)
+
+# NVIDIA's published DGX Spark decode speeds, batch 1, 2048 input / 128 output tokens, TensorRT-LLM:
+# "How NVIDIA DGX Spark's Performance Enables Intensive AI Tasks", NVIDIA Technical Blog, Oct 2025,
+# https://developer.nvidia.com/blog/how-nvidia-dgx-sparks-performance-enables-intensive-ai-tasks/
+# (figures as tabulated at https://site-one-liart-13.vercel.app/en/benchmarks/2026-05-24-dgx-spark-model-throughput)
+SPARK_PUBLISHED = [
+    {"model": "Llama 3.1 8B", "format": "NVFP4", "bits": 4.5, "decode tok/s": 38.65},
+    {"model": "Llama 3.1 8B", "format": "FP8", "bits": 8.0, "decode tok/s": 20.5},
+]
+
+
+def decode_bytes_per_token(shape: DecodeShape, linear_bits: float, head_bits: float = 16, context: int = 0,
+                           kv_bits: float = 16) -> float:
+    """Bytes one batch-1 decode step reads: the Linear weights at `linear_bits` (scales included), lm_head at
+    `head_bits` (exports keep it in BF16), one embedding row, and K and V for `context` cached tokens."""
+    weights = shape.linear_params * linear_bits / 8 + shape.vocab * shape.hidden * head_bits / 8 + shape.hidden * 2
+    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * context * kv_bits / 8
+    return weights + kv
+
+
+def gguf_bytes_per_token(path, context: int = 0) -> float:
+    """Bytes one llama.cpp decode step reads from a GGUF: every tensor, except that token_embd is only looked
+    up (one row) when the model has a separate output.weight; with tied embeddings it is the output layer."""
+    from .gguf_io import read_gguf
+
+    info = read_gguf(path)
+    tensors = {t["name"]: t for t in info["tensors"]}
+    total = sum(t["bytes"] for t in tensors.values())
+    if "output.weight" in tensors and "token_embd.weight" in tensors:
+        embd = tensors["token_embd.weight"]
+        total -= embd["bytes"] - embd["bytes"] // embd["shape"][-1]
+    meta = info["metadata"]
+    arch = meta.get("general.architecture", "llama")
+    layers, heads = meta.get(f"{arch}.block_count", 0), meta.get(f"{arch}.attention.head_count", 1)
+    kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
+    head_dim = meta.get(f"{arch}.embedding_length", 0) // heads
+    return total + 2 * layers * kv_heads * head_dim * context * 2  # llama.cpp's default KV cache is F16
+
+
+def roofline_plot(ceilings: dict[str, float], points: list[dict], title: str):
+    """tokens/s against GB read per token (log-log): one ceiling line per bandwidth (GB/s), and measured points
+    ({"label", "GB/token", "tokens/s"}). A point on its line uses all the bandwidth; below it, the rest is overhead."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    gb = np.geomspace(min(p["GB/token"] for p in points) / 2, max(p["GB/token"] for p in points) * 2, 50)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (name, bandwidth) in enumerate(ceilings.items()):
+        ax.plot(gb, bandwidth / gb, color=f"C{i}", lw=1.2, label=f"{name}: {bandwidth:g} GB/s")
+    for p in points:
+        ax.scatter(p["GB/token"], p["tokens/s"], color=f"C{list(ceilings).index(p['ceiling'])}", marker=p.get("marker", "o"),
+                   zorder=3)
+        ax.annotate(p["label"], (p["GB/token"], p["tokens/s"]), textcoords="offset points", xytext=(6, -4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("GB read per decoded token (weights + KV cache)")
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig

@@ -184,15 +184,9 @@ def _transformer_engine_stack(hidden: int, blocks: int):
 
 def recorded_gpu_steps() -> dict | None:
     """The last `python -m labs_lib.training` record: from the results folder, else the one committed in results/."""
-    import json
-    from pathlib import Path
+    from .results import recorded
 
-    from .results import results_dir
-
-    for folder in (results_dir(), Path(__file__).resolve().parents[1] / "results"):
-        if (folder / GPU_STEP_FILE).is_file():
-            return json.loads((folder / GPU_STEP_FILE).read_text())
-    return None
+    return recorded(GPU_STEP_FILE)
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from labs_lib.data import calibration_batches
 from labs_lib.fake_quant import calibrate_input_amax
 from labs_lib.models import EMBEDDED, load_model
 from labs_lib.nvfp4_checkpoint import compare_with_checkpoint, nvfp4_state_dict, shared_weight_amax
@@ -14,14 +13,8 @@ pytest.importorskip("modelopt.torch.quantization")
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory, tokenizer, corpus):
-    from labs_lib.modelopt_ptq import modelopt_export, modelopt_quantize
-
-    calib = calibration_batches(tokenizer, corpus, 4, 128)
-    bf16 = load_model(EMBEDDED, dtype=torch.bfloat16)
-    modelopt_quantize(bf16, "NVFP4_DEFAULT_CFG", calib)
-    folder = modelopt_export(bf16, tmp_path_factory.mktemp("export") / "nvfp4")
-    return folder, calib
+def export(nvfp4_export):
+    return nvfp4_export
 
 
 def test_every_tensor_is_bit_identical(export):

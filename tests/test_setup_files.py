@@ -39,6 +39,20 @@ def test_run_script_flags():
     assert any(w.endswith(":/root/.cache/huggingface") for w in words)
 
 
+def test_trtllm_script_uses_the_playbook_flags_and_checked_serve_options():
+    text = (ROOT / "docker" / "run_trtllm.sh").read_text()
+    words = shlex.split(text.split("exec docker run", 1)[1].replace("\\\n", " "))
+    pairs = list(zip(words, words[1:]))
+    for flag in ["--gpus all", "--ipc=host", "--ulimit memlock=-1", "--ulimit stack=67108864", "-e HF_TOKEN"]:
+        assert tuple(flag.split(" ")) in pairs or flag in words, flag
+    serve = words[words.index("trtllm-serve"):]
+    assert serve[2:] == ["--backend", "pytorch", "--max_batch_size", "4", "--host", "0.0.0.0", "--port", "$port"]
+    from labs_lib.trtllm import CONTAINER, serve_command
+
+    assert f"TRTLLM_IMAGE:-{CONTAINER}" in text  # the notebook and the script name the same image
+    assert serve_command("/model").split()[2:-1] == serve[2:-1]
+
+
 def test_makefile_installs_the_no_deps_file_without_dependencies():
     assert "pip install -q --no-deps -r requirements-nodeps.txt" in (ROOT / "Makefile").read_text()
 

@@ -1,0 +1,201 @@
+"""Lab 07's quality benchmark through lm-eval: local offline tasks, one call per variant, metrics with stderr.
+
+Two tasks ship in `labs_lib/lm_eval_tasks` and read their documents from a folder this module writes:
+`labs_ppl` (rolling log-likelihood over held-out text, as lm-eval's wikitext task) and `labs_mc` (pick the
+word that really comes next among four). GGUF files are scored by llama.cpp through `LlamaCppLM`, an
+lm-eval model class, so every variant goes through the same tasks and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+from lm_eval.api.model import TemplateLM
+from tqdm.auto import tqdm
+
+from .data import Corpus, tokenize
+from .errors import LabsError
+
+__all__ = ["TASK_DIR", "PPL_TASK", "MC_TASK", "next_word_items", "write_task_data", "LlamaCppLM", "run_tasks", "evaluate_built", "HUB_TASKS", "run_hub_tasks"]
+
+TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
+PPL_TASK, MC_TASK = "labs_ppl", "labs_mc"
+HUB_TASKS = ("wikitext", "arc_easy", "hellaswag", "mmlu")
+WORD = re.compile(r"[A-Za-z]{4,}")
+
+
+def next_word_items(tokenizer, text: str, n_items: int, context_words: int = 24, seed: int = 0) -> list[dict]:
+    """Four-choice items: `context_words` words of `text`, then the word that follows among three others.
+
+    Answers and distractors are words of 4+ letters that are one token after a space, so lm-eval scores each
+    choice from one forward pass of the context; distractors are drawn (by frequency) from the 400 words
+    around the answer, so they fit the topic. Contexts do not overlap; the same inputs give the same items.
+    """
+    words = text.split()
+    single = {w for w in set(words) if WORD.fullmatch(w) and len(tokenize(tokenizer, " " + w)) == 1}
+    rng = random.Random(seed)
+    items, i = [], context_words
+    while len(items) < n_items and i < len(words):
+        if words[i] in single:
+            nearby = [w for w in words[max(0, i - 200) : i + 200] if w in single and w != words[i]]
+            distractors = []
+            while len(distractors) < 3 and nearby:
+                w = rng.choice(nearby)
+                nearby = [x for x in nearby if x != w]
+                distractors.append(w)
+            if len(distractors) == 3:
+                choices = distractors + [words[i]]
+                rng.shuffle(choices)
+                items.append({"context": " ".join(words[i - context_words : i]), "choices": choices,
+                              "gold": choices.index(words[i])})
+                i += context_words + 1
+                continue
+        i += 1
+    if len(items) < n_items:
+        raise LabsError(f"The evaluation text yields {len(items)} items, fewer than the {n_items} asked for.")
+    return items
+
+
+def write_task_data(tokenizer, corpus: Corpus, eval_ids: torch.Tensor, window: int, n_items: int, folder: Path) -> Path:
+    """Write the documents of both tasks: `eval_ids` as texts of `window` tokens (the perplexity task) and
+    `n_items` next-word items from the held-out text. Returns the folder to pass as lm-eval metadata."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(eval_ids) // window
+    docs = [{"text": tokenizer.decode(eval_ids[i * window : (i + 1) * window])} for i in range(n)]
+    items = next_word_items(tokenizer, corpus.evaluation, n_items)
+    for name, rows in [(PPL_TASK, docs), (MC_TASK, items)]:
+        tmp = folder / f"{name}.jsonl.partial"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, folder / f"{name}.jsonl")
+    return folder
+
+
+class LlamaCppLM(TemplateLM):
+    """An lm-eval model backed by llama.cpp (a GGUF file): log-likelihoods from llama.cpp's logits, reusing the
+    KV cache of a shared prefix (the four choices of an item share their context)."""
+
+    def __init__(self, path: Path, n_ctx: int = 1024):
+        from .llamacpp import load_gguf
+
+        super().__init__()
+        self.llm = load_gguf(path, n_ctx=n_ctx)
+        self.max_length = n_ctx
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.llm.token_eos()
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.llm.token_bos()
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.llm.tokenize(string.encode(), add_bos=False, special=False)
+
+    def _logprobs(self, tokens: list[int], start: int) -> torch.Tensor:
+        """log-softmax rows for positions start..len-1 of `tokens`, evaluating only what the cache does not hold."""
+        llm = self.llm
+        cached = llm.input_ids[: llm.n_tokens].tolist()
+        keep = 0
+        while keep < min(len(cached), len(tokens) - 1) and cached[keep] == tokens[keep]:  # evaluate at least one
+            keep += 1
+        llm.n_tokens = keep
+        llm.eval(tokens[keep:])
+        return torch.log_softmax(torch.from_numpy(llm.scores[start : len(tokens)]).float(), dim=-1)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        out = [None] * len(requests)
+        # requests that share a context (the choices of one item) run one after another, so the cache serves them
+        order = sorted(range(len(requests)), key=lambda i: requests[i][1])
+        for i in tqdm(order, desc="llama.cpp log-likelihoods", disable=disable_tqdm, leave=False):
+            _, context, continuation = requests[i]
+            inputs = (context + continuation)[-(self.max_length + 1) :][:-1]  # as HFLM: the last token is only a target
+            logprobs = self._logprobs(inputs, len(inputs) - len(continuation))
+            target = torch.tensor(continuation)
+            out[i] = (logprobs.gather(1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all()))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        totals = []
+        for (text,) in tqdm([r.args for r in requests], desc="llama.cpp rolling", disable=disable_tqdm, leave=False):
+            total = 0.0
+            for context, target in map(make_disjoint_window, get_rolling_token_windows(
+                    self.tok_encode(text), self.prefix_token_id, self.max_length, context_len=1)):
+                total += self._loglikelihood_tokens([(None, context, target)], disable_tqdm=True)[0][0]
+            totals.append(total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        raise LabsError("LlamaCppLM scores log-likelihoods only; generation tasks need llama.cpp's server.")
+
+
+def run_tasks(lm, data_dir: Path, batch_size: int = 32) -> dict:
+    """Both local tasks through `lm_eval.simple_evaluate` on `lm` (an lm-eval model: HFLM or LlamaCppLM).
+
+    Returns lm-eval's perplexity metrics, token perplexity (from its per-document log-likelihoods, to compare
+    with `evaluate.perplexity`), accuracy with its standard error, the number of items, and the seconds taken.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on custom datasets and in-memory models
+    start = time.perf_counter()
+    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={"data_dir": str(data_dir)})
+    # lm-eval ends every call by collecting the environment (pip list, torch's collect_env: about 3 s on 2 cores);
+    # the labs record their own library versions, so that step is skipped
+    with mock.patch("lm_eval.evaluator.add_env_info", lambda results: None):
+        results = lm_eval.simple_evaluate(model=lm, tasks=[PPL_TASK, MC_TASK], task_manager=manager, batch_size=batch_size,
+                                          bootstrap_iters=1000, log_samples=True, verbosity="ERROR")
+    ppl, mc, samples = results["results"][PPL_TASK], results["results"][MC_TASK], results["samples"]
+    loglikelihood = sum(s["resps"][0][0] for s in samples[PPL_TASK])
+    n_tokens = sum(len(lm.tok_encode(s["doc"]["text"])) for s in samples[PPL_TASK])
+    return {"token perplexity": math.exp(-loglikelihood / n_tokens), "word perplexity": ppl["word_perplexity,none"],
+            "word perplexity stderr": _number(ppl.get("word_perplexity_stderr,none")),
+            "byte perplexity": ppl["byte_perplexity,none"], "bits per byte": ppl["bits_per_byte,none"],
+            "accuracy": mc["acc,none"], "accuracy stderr": mc["acc_stderr,none"], "items": len(samples[MC_TASK]),
+            "eval s": round(time.perf_counter() - start, 1)}
+
+
+def _number(value) -> float | None:
+    return value if isinstance(value, (int, float)) else None  # lm-eval writes "N/A" where it has no stderr
+
+
+def evaluate_built(built, tokenizer, data_dir: Path, window: int = 1024) -> dict:
+    """`run_tasks` on a variant from labs_lib.variants, through the engine it was built for."""
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    if built.engine == "llama.cpp":
+        lm = LlamaCppLM(built.model, n_ctx=window)
+        try:
+            return run_tasks(lm, data_dir)
+        finally:
+            lm.llm.close()
+    from lm_eval.models.huggingface import HFLM
+
+    return run_tasks(HFLM(pretrained=built.model, tokenizer=tokenizer, batch_size=32, max_length=window), data_dir)
+
+
+def run_hub_tasks(lm, tasks: tuple[str, ...] = HUB_TASKS, limit: int | None = 200) -> dict[str, dict[str, float]]:
+    """lm-eval's standard tasks by name (their datasets come from the Hub): {task: {metric: value}}, stderr included."""
+    import lm_eval
+
+    from .network import hub_reachable
+
+    if not hub_reachable():
+        raise LabsError("lm-eval's standard tasks download their data from the Hugging Face Hub, which cannot be "
+                        "reached from here; the local tasks (run_tasks) work offline.")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, bootstrap_iters=1000, verbosity="ERROR")
+    return {task: {k.split(",")[0]: v for k, v in metrics.items() if "," in k and isinstance(v, (int, float))}
+            for task, metrics in results["results"].items()}

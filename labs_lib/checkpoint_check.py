@@ -1,0 +1,258 @@
+"""Check a Model Optimizer unified Hugging Face checkpoint the way TensorRT-LLM and vLLM will read it.
+
+Every Linear layer that is not excluded must carry its packed weight and scales with the right names,
+dtypes and shapes; the shapes come from the model's own config (a meta-device model, no weights loaded).
+Problems are returned as readable sentences, so a broken export fails here, not deep inside an engine build.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+__all__ = ["EXPECTED", "DEFECTS", "CheckpointReport", "check_checkpoint", "checkpoint_inventory", "make_broken_copy"]
+
+# Per quantized Linear: tensor suffix -> (safetensors dtype, shape as a function of (out, in, group)).
+# Scalars are written as 0-d tensors. `input_scale` is present when activations are quantized too.
+EXPECTED = {
+    "NVFP4": {
+        "weight": ("U8", lambda o, i, g: (o, i // 2)),          # two E2M1 codes per byte
+        "weight_scale": ("F8_E4M3", lambda o, i, g: (o, i // g)),  # one E4M3 scale per `group` inputs
+        "weight_scale_2": ("F32", lambda o, i, g: ()),           # per-tensor FP32 scale
+        "input_scale": ("F32", lambda o, i, g: ()),
+    },
+    "FP8": {
+        "weight": ("F8_E4M3", lambda o, i, g: (o, i)),
+        "weight_scale": ("F32", lambda o, i, g: ()),
+        "input_scale": ("F32", lambda o, i, g: ()),
+    },
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+@dataclass
+class CheckpointReport:
+    folder: Path
+    quant_algo: str | None = None
+    group_size: int | None = None
+    quantized_layers: int = 0
+    tensors_checked: int = 0
+    findings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    @property
+    def problems(self) -> list[str]:
+        """The findings, with ones that differ only in layer numbers and sizes folded into one line."""
+        groups: dict[str, list[str]] = {}
+        for message in self.findings:
+            key = re.sub(r"\d+", "#", re.sub(r"\S+\.(weight\w*|input_scale)\b", r"<layer>.\1", message))
+            groups.setdefault(key, []).append(message)
+        return [m[0] if len(m) == 1 else f"{m[0]} (and {len(m) - 1} more layers like it)" for m in groups.values()]
+
+    def summary(self) -> dict:
+        return {"checkpoint": self.folder.name, "quant_algo": self.quant_algo, "group_size": self.group_size,
+                "quantized layers": self.quantized_layers, "tensors checked": self.tensors_checked,
+                "problems": len(self.findings), "warnings": len(self.warnings)}
+
+
+def _read_json(path: Path, report: CheckpointReport) -> dict | None:
+    if not path.exists():
+        report.findings.append(f"{path.name} is missing.")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        report.findings.append(f"{path.name} is not valid JSON ({exc.msg}, line {exc.lineno}).")
+        return None
+
+
+def _tensor_index(folder: Path, report: CheckpointReport) -> dict[str, tuple[str, tuple[int, ...], Path]]:
+    """name -> (dtype, shape, file) from the safetensors headers of every shard."""
+    index = {}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        report.findings.append("no *.safetensors file in the folder.")
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    tensor = f.get_slice(name)
+                    index[name] = (tensor.get_dtype(), tuple(tensor.get_shape()), path)
+        except Exception as exc:  # a truncated or corrupt file: say which one
+            report.findings.append(f"{path.name} cannot be read as safetensors ({exc}).")
+    return index
+
+
+def _linear_shapes(config: dict) -> tuple[dict[str, tuple[int, int]], set[str], bool]:
+    """(Linear name -> (out, in)), every parameter name, and whether lm_head is tied, from config.json alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return linears, set(model.state_dict()), bool(getattr(cfg, "tie_word_embeddings", False))
+
+
+def _excluded(name: str, patterns: list[str]) -> bool:
+    return any(name == p or fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def _check_values(names: list[tuple[str, Path]], report: CheckpointReport) -> None:
+    """Scales must be finite and positive: a zero or NaN scale turns a whole layer into zeros or NaNs."""
+    by_file: dict[Path, list[str]] = {}
+    for name, path in names:
+        by_file.setdefault(path, []).append(name)
+    for path, keys in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for name in keys:
+                values = f.get_tensor(name).float()
+                if not torch.isfinite(values).all():
+                    report.findings.append(f"{name} holds NaN or infinite values.")
+                elif (values <= 0).any():
+                    report.findings.append(f"{name} holds {(values <= 0).sum().item()} scale(s) <= 0.")
+
+
+def check_checkpoint(folder: str | Path) -> CheckpointReport:
+    """Validate `folder` (config.json, hf_quant_config.json, safetensors) and return every problem found."""
+    folder = Path(folder)
+    report = CheckpointReport(folder)
+    if not folder.is_dir():
+        report.findings.append(f"{folder} is not a folder.")
+        return report
+    config = _read_json(folder / "config.json", report)
+    quant = _read_json(folder / "hf_quant_config.json", report)
+    if config is None or quant is None:
+        return report
+    q = quant.get("quantization", {})
+    report.quant_algo, report.group_size = q.get("quant_algo"), q.get("group_size")
+    if report.quant_algo not in EXPECTED:
+        report.findings.append(f"quant_algo is {report.quant_algo!r}; this checker knows {', '.join(EXPECTED)}.")
+        return report
+    if report.quant_algo == "NVFP4" and report.group_size != 16:
+        report.findings.append(f"group_size is {report.group_size}; NVFP4 uses one E4M3 scale per 16 values.")
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != "modelopt" or qc.get("quant_algo") != report.quant_algo:
+        report.findings.append(f"config.json's quantization_config (quant_method {qc.get('quant_method')!r}, quant_algo "
+                               f"{qc.get('quant_algo')!r}) does not match hf_quant_config.json ({report.quant_algo}).")
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        report.warnings.append("no tokenizer in the folder: pass --tokenizer to trtllm-serve or save the tokenizer here.")
+
+    before = len(report.findings)
+    tensors = _tensor_index(folder, report)
+    if len(report.findings) > before:  # an unreadable file: every tensor in it would be reported missing
+        return report
+    linears, parameters, tied = _linear_shapes(config)
+    excluded = q.get("exclude_modules") or []
+    expected = EXPECTED[report.quant_algo]
+    group = report.group_size or 16
+    seen, scales = set(), []
+    for name, (out_f, in_f) in linears.items():
+        if _excluded(name, excluded):
+            continue
+        report.quantized_layers += 1
+        for suffix, (dtype, shape_of) in expected.items():
+            key = f"{name}.{suffix}"
+            if key not in tensors:
+                if suffix != "input_scale":  # weight-only checkpoints have no input_scale
+                    report.findings.append(f"{key} is missing.")
+                continue
+            seen.add(key)
+            report.tensors_checked += 1
+            got_dtype, got_shape, path = tensors[key]
+            want_shape = shape_of(out_f, in_f, group)
+            if got_dtype != dtype:
+                report.findings.append(f"{key} is {got_dtype}, expected {dtype}.")
+            if got_shape != want_shape and not (want_shape == () and got_shape in ((1,), (out_f, 1), (out_f,)) and suffix == "weight_scale"):
+                report.findings.append(f"{key} has shape {list(got_shape)}, expected {list(want_shape)} "
+                                       f"(layer {out_f}x{in_f}{f', group {group}' if report.quant_algo == 'NVFP4' else ''}).")
+            if suffix != "weight" and got_dtype == dtype:
+                scales.append((key, path))
+    _check_values(scales, report)
+    # every other parameter (norms, embeddings) must be there, and nothing unknown may be
+    for name in sorted(parameters):
+        if name in seen or name in tensors:
+            seen.add(name)
+            continue
+        if tied and name == "lm_head.weight":
+            continue
+        module = name.rsplit(".", 1)[0]
+        if not (module in linears and not _excluded(module, excluded) and name.endswith(".weight")):
+            report.findings.append(f"{name} is missing.")
+    unknown = sorted(set(tensors) - seen - parameters)
+    if unknown:
+        report.findings.append(f"{len(unknown)} tensor(s) the model does not have, e.g. {unknown[0]}.")
+    return report
+
+
+_DTYPE_BYTES = {"U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8}
+
+
+def checkpoint_inventory(folder: str | Path) -> list[dict]:
+    """What an engine build reads: tensors grouped by role (suffix) and dtype, with their count and size."""
+    groups: dict[tuple[str, str], list] = {}
+    for name, (dtype, shape, _) in _tensor_index(Path(folder), CheckpointReport(Path(folder))).items():
+        module, _, leaf = name.rpartition(".")
+        role = leaf if module.endswith("_proj") else f"{module.rpartition('.')[2]}.{leaf}"  # e.g. weight_scale, norm.weight
+        numel = math.prod(shape)
+        entry = groups.setdefault((role, dtype), [0, 0, shape])
+        entry[0] += 1
+        entry[1] += numel * _DTYPE_BYTES[dtype]
+    return [{"tensor": role, "dtype": dtype, "count": n, "example shape": list(shape), "MB": round(nbytes / 1e6, 2)}
+            for (role, dtype), (n, nbytes, shape) in sorted(groups.items(), key=lambda kv: -kv[1][1])]
+
+
+def _edit_tensors(folder: Path, edit) -> None:
+    path = next(folder.glob("*.safetensors"))
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _set_group_size(folder: Path, size: int) -> None:
+    path = folder / "hf_quant_config.json"
+    config = json.loads(path.read_text())
+    config["quantization"]["group_size"] = size
+    path.write_text(json.dumps(config, indent=4))
+
+
+def _truncate(folder: Path) -> None:
+    path = next(folder.glob("*.safetensors"))
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size // 2)
+
+
+# Ways an export goes wrong, each applied to one layer (`{layer}`) of a copy of a good NVFP4 checkpoint.
+DEFECTS = {
+    "weight_scale missing": lambda f, layer: _edit_tensors(f, lambda t: t.pop(f"{layer}.weight_scale")),
+    "block scales left in float32": lambda f, layer: _edit_tensors(
+        f, lambda t: t.update({f"{layer}.weight_scale": t[f"{layer}.weight_scale"].float()})),
+    "weight_scale_2 is zero": lambda f, layer: _edit_tensors(
+        f, lambda t: t.update({f"{layer}.weight_scale_2": torch.zeros_like(t[f"{layer}.weight_scale_2"])})),
+    "group_size 32 in hf_quant_config.json": lambda f, layer: _set_group_size(f, 32),
+    "file cut in half": lambda f, layer: _truncate(f),
+}
+
+
+def make_broken_copy(folder: str | Path, target: str | Path, defect: str,
+                     layer: str = "model.layers.0.mlp.down_proj") -> Path:
+    """A copy of checkpoint `folder` at `target` with one defect from DEFECTS, for the checker to find."""
+    target = Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(folder, target)
+    DEFECTS[defect](target, layer)
+    return target

@@ -1,0 +1,179 @@
+"""A streaming benchmark client for any OpenAI-compatible server (trtllm-serve, vllm serve, llama.cpp's server).
+
+Per request it records time to first token (TTFT), the gaps between later tokens (inter-token latency, ITL)
+and decode tokens/s; per concurrency level, total output tokens/s across all requests. A token is one streamed
+chunk unless the server reports `usage` (servers stream one token per chunk unless told to batch them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from tqdm.auto import tqdm
+
+from .errors import LabsError
+
+__all__ = ["RequestResult", "stream_completion", "benchmark_endpoint", "summarize", "free_port", "llama_cpp_server",
+           "plot_serving"]
+
+
+@dataclass
+class RequestResult:
+    ttft_s: float
+    token_times_s: list[float]  # arrival time of each token after the request was sent
+    output_tokens: int
+    total_s: float
+    text: str
+
+    @property
+    def inter_token_s(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times_s, self.token_times_s[1:])]
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens after the first, over the time they took: the decode speed one user sees."""
+        span = self.token_times_s[-1] - self.token_times_s[0] if len(self.token_times_s) > 1 else 0.0
+        return (len(self.token_times_s) - 1) / span if span > 0 else None
+
+
+def stream_completion(client: httpx.Client, base_url: str, model: str, prompt: str, max_tokens: int) -> RequestResult:
+    """One streamed /v1/completions request (greedy), timed token by token."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
+    start = time.perf_counter()
+    times, pieces, usage = [], [], None
+    with client.stream("POST", f"{base_url}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            response.read()
+            raise LabsError(f"{base_url} answered {response.status_code}: {response.text[:200]}")
+        for line in response.iter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            usage = chunk.get("usage") or usage
+            text = "".join(c.get("text") or "" for c in chunk.get("choices", []))
+            if text:
+                times.append(time.perf_counter() - start)
+                pieces.append(text)
+    if not times:
+        raise LabsError(f"{base_url} streamed no tokens for a {max_tokens}-token request.")
+    tokens = (usage or {}).get("completion_tokens") or len(times)
+    return RequestResult(times[0], times, tokens, time.perf_counter() - start, "".join(pieces))
+
+
+def benchmark_endpoint(base_url: str, model: str, prompts: list[str], concurrency: int, n_requests: int,
+                       max_tokens: int = 32, timeout_s: float = 120.0) -> dict:
+    """`n_requests` streamed requests, `concurrency` in flight at a time; per-request results and the wall time."""
+    jobs = [prompts[i % len(prompts)] for i in range(n_requests)]
+    with httpx.Client(timeout=timeout_s) as client, ThreadPoolExecutor(concurrency) as pool:
+        start = time.perf_counter()
+        futures = [pool.submit(stream_completion, client, base_url, model, p, max_tokens) for p in jobs]
+        results = [f.result() for f in tqdm(futures, desc=f"concurrency {concurrency}", leave=False)]
+        wall = time.perf_counter() - start
+    return {"concurrency": concurrency, "results": results, "wall_s": wall}
+
+
+def summarize(run: dict) -> dict:
+    """One table row: median TTFT and ITL, p90 TTFT, decode tokens/s per request, total output tokens/s."""
+    results = run["results"]
+    itl = [gap for r in results for gap in r.inter_token_s]
+    ttft = sorted(r.ttft_s for r in results)
+    decode = [r.decode_tokens_per_s for r in results if r.decode_tokens_per_s]
+    return {
+        "concurrency": run["concurrency"],
+        "requests": len(results),
+        "output tokens": sum(r.output_tokens for r in results),
+        "TTFT median ms": round(1000 * statistics.median(ttft), 1),
+        "TTFT p90 ms": round(1000 * ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))], 1),
+        "ITL median ms": round(1000 * statistics.median(itl), 2) if itl else None,
+        "decode tok/s per request": round(statistics.median(decode), 1) if decode else None,
+        "total output tok/s": round(sum(r.output_tokens for r in results) / run["wall_s"], 1),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def llama_cpp_server(gguf: Path, port: int | None = None, n_ctx: int = 2048, n_threads: int | None = None,
+                     startup_timeout_s: float = 120.0):
+    """llama-cpp-python's OpenAI-compatible server on the loopback address, stopped on exit. Yields the base URL.
+
+    By default it leaves one core to the client measuring it: llama.cpp's threads wait for each other at every
+    step, so a server on all cores stalls whenever the client runs (measured on 2 cores: 45 vs 35 ms per token)."""
+    from .gguf_io import read_gguf
+    from .llamacpp import require_llama_cpp
+
+    require_llama_cpp()
+    read_gguf(gguf)  # a missing or damaged file gets a clear error here, not a server that dies at start
+    try:
+        import fastapi, sse_starlette, starlette_context, uvicorn  # noqa: F401,E401
+    except ImportError as exc:
+        raise LabsError(f"llama-cpp-python's server needs its [server] extra ({exc.name} is missing): "
+                        "pip install -r requirements.txt") from None
+    port = port or free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+               "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads or max(1, (os.cpu_count() or 2) - 1)),
+               "--interrupt_requests", "False"]  # queue concurrent requests (its default cancels the running one)
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise LabsError(f"llama.cpp's server exited at start (code {process.returncode}); its log: {log.name}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base_url}/v1/models", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise LabsError(f"llama.cpp's server did not answer within {startup_timeout_s:.0f} s; its log: {log.name}")
+            time.sleep(0.5)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        if process.returncode in (0, -15):
+            Path(log.name).unlink(missing_ok=True)
+
+
+def plot_serving(rows: list[dict], title: str):
+    """Per-request decode speed and total throughput against concurrency, with median TTFT beside them."""
+    import matplotlib.pyplot as plt
+
+    conc = [r["concurrency"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(conc, [r["total output tok/s"] for r in rows], "o-", label="total output tok/s")
+    left.plot(conc, [r["decode tok/s per request"] for r in rows], "s--", label="decode tok/s per request")
+    right.plot(conc, [r["TTFT median ms"] for r in rows], "o-", color="C3", label="TTFT median")
+    right.plot(conc, [r["TTFT p90 ms"] for r in rows], "^:", color="C3", label="TTFT p90")
+    for ax, label in ((left, "tokens/s"), (right, "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(conc, [str(c) for c in conc])
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,228 @@
+"""Every variant Lab 07 compares, one class per kind behind one interface: `build(ctx) -> Built`.
+
+All are built from the same base model and calibration batches. What takes minutes (GPTQ, AWQ, GGUF files)
+is cached on disk by (model, method, settings, calibration), so a second run, or a later lab, reuses it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .blockquant import MXFP4, NVFP4, IntGroup, PerTensor, Scheme
+from .errors import LabsError
+from .evaluate import storage_report
+from .fake_quant import calibrate_input_amax, fake_quantized_copy, linear_layers
+from .files import atomic_folder
+
+__all__ = ["BuildContext", "Built", "Cast", "FakeQuant", "Layerwise", "BitsAndBytes", "GGUF", "default_variants", "group_size_for"]
+
+
+@dataclass
+class BuildContext:
+    """What every variant is built from: the base model (float32), its name and tokenizer, the calibration batches."""
+
+    model_name: str
+    base: torch.nn.Module
+    tokenizer: Any
+    batches: torch.Tensor
+    cache: Path
+    _input_amax: dict | None = field(default=None, repr=False)
+
+    @property
+    def calibration_key(self) -> str:
+        """A short fingerprint of the calibration batches (what they are, not where they came from)."""
+        return hashlib.sha1(self.batches.numpy().tobytes()).hexdigest()[:10]
+
+    def input_amax(self) -> dict:
+        """Static per-tensor activation ranges of every Linear, calibrated once and shared by W8A8 and W4A4."""
+        if self._input_amax is None:
+            self._input_amax = calibrate_input_amax(self.base, self.batches)
+        return self._input_amax
+
+
+@dataclass
+class Built:
+    name: str
+    engine: str  # "transformers" (a torch model, evaluated in BF16) or "llama.cpp" (a GGUF file)
+    model: Any
+    bits_per_weight: float  # quantized Linear weights, their scales included
+    size_mb: float  # the whole checkpoint: quantized Linears plus every other tensor in BF16 (or the GGUF file)
+    build_s: float
+    cached: bool = False
+
+
+def _size(model, scheme: Scheme | None) -> tuple[float, float]:
+    report = storage_report(model, scheme)
+    n = sum(layer.weight.numel() for layer in linear_layers(model).values())
+    bits = 16.0 if scheme is None else report["quantized_bytes"] * 8 / n
+    return round(bits, 3), round(report["total_bytes"] / 1e6, 1)
+
+
+@dataclass
+class Cast:
+    """The base model cast to a 16-bit float type: the reference every other variant is compared with."""
+
+    name: str = "BF16"
+    dtype: torch.dtype = torch.bfloat16
+
+    def build(self, ctx: BuildContext) -> Built:
+        start = time.perf_counter()
+        model = copy.deepcopy(ctx.base).to(self.dtype)
+        return Built(self.name, "transformers", model, *_size(model, None), round(time.perf_counter() - start, 1))
+
+
+@dataclass
+class FakeQuant:
+    """Weights (and, for W8A8/W4A4, inputs with calibrated static ranges) rounded to a scheme from labs_lib.blockquant."""
+
+    name: str
+    weights: Scheme
+    activations: Scheme | None = None
+
+    def build(self, ctx: BuildContext) -> Built:
+        start = time.perf_counter()
+        amax = ctx.input_amax() if self.activations is not None else None
+        model = fake_quantized_copy(ctx.base, self.weights, self.activations, amax).to(torch.bfloat16)
+        return Built(self.name, "transformers", model, *_size(model, self.weights), round(time.perf_counter() - start, 1))
+
+
+@dataclass
+class Layerwise:
+    """GPTQ or AWQ (labs_lib.gptq / labs_lib.awq): quantized layer by layer on the calibration batches.
+
+    The cache holds the integer codes, scales and zeros of each Linear, plus the few other tensors the method
+    changed (AWQ folds its scales into the norms), so a cached build is exact, not re-run.
+    """
+
+    name: str
+    method: Any  # GPTQ or AWQ instance
+
+    def _folder(self, ctx: BuildContext) -> Path:
+        settings = f"{sorted((k, repr(v)) for k, v in vars(self.method).items() if k != 'chosen')}-{ctx.calibration_key}"
+        key = hashlib.sha1(settings.encode()).hexdigest()[:12]
+        return ctx.cache / "variants" / Path(ctx.model_name).name / f"{self.name.replace(' ', '_')}-{key}"
+
+    def build(self, ctx: BuildContext) -> Built:
+        from safetensors.torch import load_file, save_file
+
+        start = time.perf_counter()
+        folder, model = self._folder(ctx), copy.deepcopy(ctx.base)
+        cached = (folder / "codes.safetensors").is_file()
+        if cached:
+            flat = load_file(folder / "codes.safetensors")
+            with torch.no_grad():
+                for name, tensor in load_file(folder / "changed.safetensors").items():
+                    model.get_parameter(name).copy_(tensor)
+                for name, linear in linear_layers(model, self.method.skip).items():
+                    q = {part: flat[f"{name}.{part}"] for part in ("codes", "scale", "zero") if f"{name}.{part}" in flat}
+                    linear.weight.copy_(self.method.scheme.dequantize(q).reshape(linear.weight.shape))
+        else:
+            codes = self.method.quantize_model(model, ctx.batches)
+            base = dict(ctx.base.named_parameters())
+            linears = {f"{n}.weight" for n in linear_layers(model, self.method.skip)}
+            changed = {n: p.detach().contiguous() for n, p in model.named_parameters()
+                       if n not in linears and not torch.equal(p, base[n])}
+            with atomic_folder(folder) as tmp:
+                save_file({f"{n}.{part}": t.contiguous() for n, q in codes.items() for part, t in q.items()}, tmp / "codes.safetensors")
+                save_file(changed, tmp / "changed.safetensors")
+        model = model.to(torch.bfloat16)
+        return Built(self.name, "transformers", model, *_size(model, self.method.scheme), round(time.perf_counter() - start, 1), cached)
+
+
+def _not_cast_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+@dataclass
+class BitsAndBytes:
+    """bitsandbytes, quantizing while transformers loads the checkpoint: LLM.int8 or 4-bit NF4."""
+
+    name: str
+    four_bit: bool = False
+
+    def build(self, ctx: BuildContext) -> Built:
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        from .models import model_folder
+
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise LabsError("bitsandbytes is not installed: pip install bitsandbytes==0.50.2 (in requirements.txt).") from None
+        start = time.perf_counter()
+        config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+                  if self.four_bit else BitsAndBytesConfig(load_in_8bit=True))
+        device = next(ctx.base.parameters()).device
+        model = AutoModelForCausalLM.from_pretrained(model_folder(ctx.model_name), quantization_config=config,
+                                                     dtype=torch.bfloat16, device_map=str(device))
+        # LLM.int8 always multiplies in float16; bitsandbytes logs so on every call of a bf16 model (1,000+ lines)
+        bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+        if _not_cast_notice not in bnb_log.filters:
+            bnb_log.addFilter(_not_cast_notice)
+        return Built(self.name, "transformers", model, *self._size(model), round(time.perf_counter() - start, 1))
+
+    @staticmethod
+    def _size(model) -> tuple[float, float]:
+        """Bytes of the tensors save_pretrained writes: codes plus quantization statistics; tied tensors once."""
+        linears = linear_layers(model)
+        quantized = sum(t.numel() * t.element_size() for layer in linears.values() for t in layer.state_dict().values())
+        unique = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+        n = sum(layer.in_features * layer.out_features for layer in linears.values())
+        return round(quantized * 8 / n, 3), round(sum(unique.values()) / 1e6, 1)
+
+
+@dataclass
+class GGUF:
+    """A GGUF file made by llama.cpp (llama.cpp's converter to F16, then llama_model_quantize), run by llama.cpp."""
+
+    name: str
+    qtype: str
+
+    def build(self, ctx: BuildContext) -> Built:
+        from .gguf_io import gguf_file, read_gguf
+        from .llamacpp import gguf_for
+
+        start = time.perf_counter()
+        cached = gguf_file(ctx.model_name, self.qtype).is_file()
+        path = gguf_for(ctx.model_name, self.qtype)
+        info = read_gguf(path)
+        return Built(self.name, "llama.cpp", path, info["bits/weight"], round(info["file_bytes"] / 1e6, 1),
+                     round(time.perf_counter() - start, 1), cached)
+
+
+def group_size_for(model, preferred: int = 128) -> int:
+    """The largest of 128, 64, 32 that divides every Linear's input width (SmolLM2's 576 takes 64)."""
+    widths = {layer.in_features for layer in linear_layers(model).values()}
+    for size in (preferred, 64, 32):
+        if all(w % size == 0 for w in widths):
+            return size
+    raise LabsError(f"No group size of 128, 64 or 32 divides the input widths {sorted(widths)}.")
+
+
+def default_variants(model) -> list:
+    """Lab 07's variants, in the order of its table."""
+    from .awq import AWQ
+    from .gptq import GPTQ
+
+    group = IntGroup(4, group_size_for(model), symmetric=False)
+    return [
+        Cast(),
+        FakeQuant("FP8 W8A8", PerTensor("fp8_e4m3"), PerTensor("fp8_e4m3")),
+        BitsAndBytes("INT8 LLM.int8 (bitsandbytes)"),
+        BitsAndBytes("NF4 (bitsandbytes)", four_bit=True),
+        FakeQuant("NVFP4 W4A16", NVFP4()),
+        FakeQuant("NVFP4 W4A4", NVFP4(), NVFP4()),
+        FakeQuant("MXFP4 W4A16", MXFP4()),
+        Layerwise(f"GPTQ INT4 g{group.group_size}", GPTQ(group)),
+        Layerwise(f"AWQ INT4 g{group.group_size}", AWQ(group)),
+        GGUF("GGUF Q8_0", "Q8_0"),
+        GGUF("GGUF Q4_K_M", "Q4_K_M"),
+    ]
