@@ -106,19 +106,18 @@ def checkpoint_bytes(shape: ModelShape, fmt: str) -> dict[str, float]:
             "ratio_vs_bf16": bf16_total / (quantized + kept)}
 
 
-# The most model copies each lab holds at once (the base model and the variant being measured).
-LAB_COPIES = {"01": 1, "02": 2, "03": 2, "04": 2, "05": 2, "06": 2, "07": 2, "08": 2}
+# The most model copies a lab holds at once: the base model and the variant being measured (2), except these.
+LAB_COPIES = {"01": 1}
 
 
 def lab_memory_plan(shape: ModelShape, lab: str, bytes_per_param: int = 2, calib_samples: int = 128,
                     seq_len: int = 512, window: int = 1024, eval_batch: int = 4) -> dict[str, float]:
     """Bytes a lab needs for a model: its model copies, the calibration activations of one layer (inputs and
     outputs, kept for the layer-by-layer methods) and the float32 logits of one evaluation batch."""
-    if lab not in LAB_COPIES:
-        raise LabsError(f"No memory plan for lab '{lab}': known labs are {', '.join(LAB_COPIES)}.")
+    copies = LAB_COPIES.get(lab, 2)
     weights = shape.params * bytes_per_param
     activations = 2 * calib_samples * seq_len * shape.hidden * bytes_per_param
     logits = 2 * eval_batch * window * shape.vocab * 4  # logits in float32 and their log-softmax
-    total = LAB_COPIES[lab] * weights + activations + logits
-    return {"weights_bytes": weights, "copies": LAB_COPIES[lab], "activation_bytes": activations,
+    total = copies * weights + activations + logits
+    return {"weights_bytes": weights, "copies": copies, "activation_bytes": activations,
             "logit_bytes": logits, "total_bytes": total}
