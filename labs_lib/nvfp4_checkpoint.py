@@ -49,7 +49,7 @@ def compare_with_checkpoint(ours: dict[str, torch.Tensor], safetensors_path) -> 
     same = differ = 0
     with safe_open(str(safetensors_path), framework="pt") as f:
         for key, mine in ours.items():
-            theirs = f.get_tensor(key)
+            theirs, mine = f.get_tensor(key), mine.cpu()
             identical = mine.dtype == theirs.dtype and mine.shape == theirs.shape and torch.equal(
                 mine.view(torch.uint8) if mine.dtype == torch.float8_e4m3fn else mine,
                 theirs.view(torch.uint8) if theirs.dtype == torch.float8_e4m3fn else theirs,
