@@ -42,6 +42,7 @@ class LabConfig:
     dtype: torch.dtype  # what models load in: bfloat16 on a GPU, float32 on a CPU
     sizes: dict[str, int]
     figures: list[str] = field(default_factory=list)
+    memory_plan: dict = field(default_factory=dict)  # labs_lib.sizing.lab_memory_plan for this model, in bytes
 
     @property
     def placement(self) -> dict:
@@ -78,7 +79,7 @@ def setup_lab(lab: str, title: str, profile: str | None = None, model: str | Non
         lab=lab, title=title, profile=profile, model=model or default_model(), corpus=corpus or default_corpus(),
         device=device, dtype=default_dtype(device), sizes=resolved,
     )
-    plan = check_lab_fits(cfg)
+    plan = cfg.memory_plan = check_lab_fits(cfg)
     hub = "reachable" if hub_reachable() else "not reachable, so the embedded copies are used"
     info = device_info()
     print(f"Lab {lab} · {title}")

@@ -42,6 +42,7 @@ def side_by_side(runs: dict[str, dict]) -> tuple[list[dict], list[dict]]:
             entry, record = run["log"].get("labs", {}).get(lab, {}), run["records"].get(lab, {})
             row[f"{name} s"] = entry.get("seconds", "")
             row[f"{name} peak GB"] = record.get("peak_memory_gb", "")
+            row[f"{name} plan GB"] = record.get("memory_plan_gb", "")
         times.append(row)
     first, *others = runs
     ppl = []

@@ -79,6 +79,7 @@ def save_results(cfg: LabConfig, headline: dict, tables: dict[str, list[dict]] |
         "device": device_info(),
         "dtype": str(cfg.dtype).removeprefix("torch."),
         "peak_memory_gb": round(peak_memory_bytes(cfg.device) / 1e9, 3),
+        "memory_plan_gb": round(cfg.memory_plan.get("total_bytes", 0) / 1e9, 3),
         "versions": library_versions(),
         "headline": headline,
         "tables": tables or {},

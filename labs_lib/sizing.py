@@ -121,3 +121,27 @@ def lab_memory_plan(shape: ModelShape, lab: str, bytes_per_param: int = 2, calib
     total = copies * weights + activations + logits
     return {"weights_bytes": weights, "copies": copies, "activation_bytes": activations,
             "logit_bytes": logits, "total_bytes": total}
+
+
+def spark_plan_rows(memory_gb: float = SPARK_MEMORY_GB) -> list[dict]:
+    """For each model in SHAPES: parameters, checkpoint sizes, and what the labs need (BF16, full profile)."""
+    rows = []
+    for name, shape in SHAPES.items():
+        one, two = (lab_memory_plan(shape, lab)["total_bytes"] / 1e9 for lab in ("01", "03"))
+        rows.append({"model": name, "parameters (B)": round(shape.params / 1e9, 2),
+                     "BF16 checkpoint GB": round(checkpoint_bytes(shape, "bf16")["total_bytes"] / 1e9, 1),
+                     "NVFP4 checkpoint GB": round(checkpoint_bytes(shape, "nvfp4")["total_bytes"] / 1e9, 1),
+                     "lab 01 needs GB (1 copy)": round(one), "labs 02-08 need GB (2 copies)": round(two),
+                     f"labs fit {memory_gb:g} GB": "all" if two <= memory_gb else ("lab 01" if one <= memory_gb else "none")})
+    return rows
+
+
+def markdown_plan(memory_gb: float = SPARK_MEMORY_GB) -> str:
+    """The memory table STUDY_GUIDE.md shows: `python -m labs_lib.sizing`."""
+    from .evaluate import markdown_table
+
+    return markdown_table(spark_plan_rows(memory_gb))
+
+
+if __name__ == "__main__":
+    print(markdown_plan())
