@@ -12,7 +12,8 @@ from .results import results_dir
 
 __all__ = ["build_report", "load_run", "side_by_side"]
 
-MACHINES = {"": "CPU", "gpu": "GPU"}  # sub-folder of results/ -> column name
+# sub-folder of results/ -> column name: each machine's default run, then the runs at the other profile
+MACHINES = {"": "CPU", "gpu": "GPU", "gpu-quick": "GPU quick", "cpu-full": "CPU full"}
 
 
 def load_run(folder: Path) -> dict:
@@ -74,7 +75,7 @@ def _lab_section(record: dict, seconds: float | None, machine: str) -> list[str]
         lines += [markdown_table([{"measure": k, "value": v} for k, v in record["headline"].items()]), ""]
     for name, rows in record["tables"].items():
         lines += [f"**{name}**", "", markdown_table(rows), ""]
-    prefix = "gpu/" if machine == "GPU" else ""
+    prefix = next((f"{sub}/" for sub, name in MACHINES.items() if name == machine and sub), "")
     lines += [f"![{fig}]({prefix}{fig})" for fig in record["figures"]]
     return lines + [""]
 

@@ -4,6 +4,8 @@
 
 The profile follows the device (quick on a CPU, full on a GPU) unless given. A CPU run writes results/ and
 results/executed/; a GPU run writes results/gpu/ and results/executed-gpu/, so the report holds one run per machine.
+A run at the other profile goes beside them (results/gpu-quick/, results/cpu-full/): the GPU's quick run evaluates
+the CPU's exact tokens, which is how the report checks that both machines compute the same perplexities.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 
 
-def machine_folders(device: str) -> tuple[Path, Path]:
-    """(results folder, executed-notebook folder) of a run on `device`; $LABS_RESULTS_DIR overrides the first."""
-    results = Path(os.environ["LABS_RESULTS_DIR"]) if os.environ.get("LABS_RESULTS_DIR") else (
-        REPO / "results" / ("gpu" if device == "cuda" else ""))
-    return results, REPO / "results" / ("executed-gpu" if device == "cuda" else "executed")
+def machine_folders(device: str, profile: str) -> tuple[Path, Path]:
+    """(results folder, executed-notebook folder) of a run; $LABS_RESULTS_DIR overrides the first."""
+    name = {("cpu", "quick"): "", ("cuda", "full"): "gpu", ("cpu", "full"): "cpu-full", ("cuda", "quick"): "gpu-quick"}
+    sub = name[device, profile]
+    results = Path(os.environ["LABS_RESULTS_DIR"]) if os.environ.get("LABS_RESULTS_DIR") else REPO / "results" / sub
+    return results, REPO / "results" / ("executed" + (f"-{sub}" if sub else ""))
 
 
 def run(profile: str | None, model: str | None, labs: list[str] | None) -> int:
@@ -38,7 +41,7 @@ def run(profile: str | None, model: str | None, labs: list[str] | None) -> int:
 
     device = default_device()
     profile = profile or default_profile()
-    results, executed = machine_folders(device)
+    results, executed = machine_folders(device, profile)
     results.mkdir(parents=True, exist_ok=True)
     executed.mkdir(parents=True, exist_ok=True)
     # the kernels read these, exactly as a learner's notebook does: no injected parameter cell
