@@ -93,7 +93,23 @@ def setup_lab(lab: str, title: str, profile: str | None = None, model: str | Non
     print(f"memory   plan {plan['total_bytes'] / 1e9:.2f} GB ({plan['copies']} model cop{'y' if plan['copies'] == 1 else 'ies'} "
           f"of {plan['weights_bytes'] / 1e9:.2f} GB + activations); {plan['available_bytes'] / 1e9:.0f} GB free")
     print(f"fp4      {fp4_status()}")
+    print(f"run time {recorded_run_times(lab)}")
     return cfg
+
+
+def recorded_run_times(lab: str) -> str:
+    """This lab's wall time in the committed main-job runs (results/run_log.json, results/gpu/run_log.json)."""
+    import json
+    from pathlib import Path
+
+    results, times = Path(__file__).resolve().parents[1] / "results", []
+    for sub in ("", "gpu"):
+        path = results / sub / "run_log.json"
+        log = json.loads(path.read_text()) if path.is_file() else {}
+        entry = log.get("labs", {}).get(lab)
+        if entry and entry["status"] == "ok":
+            times.append(f"{entry['seconds'] / 60:.1f} min on {log['machine']['name']} ({log['profile']} profile)")
+    return "; ".join(times) or "not recorded yet (make run records it)"
 
 
 def check_lab_fits(cfg: LabConfig) -> dict:
