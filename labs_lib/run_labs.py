@@ -66,9 +66,10 @@ def run(profile: str | None, model: str | None, labs: list[str] | None) -> int:
             print(exc, file=sys.stderr)
         seconds = round(time.perf_counter() - start, 1)
         log["labs"][lab] = {"notebook": nb.name, "status": status, "seconds": seconds}
-        log["wall_s"] = round(time.perf_counter() - start_all, 1)
-        write_atomic(log_path, json.dumps(log, indent=1).encode())
         print(f"   {status} in {seconds} s", flush=True)
+    log["wall_s"] = round(time.perf_counter() - start_all, 1)
+    # written once the run ends, so each lab's header shows the last complete run's times, not a half-written log
+    write_atomic(log_path, json.dumps(log, indent=1).encode())
     print(f"report: {build_report()}")
     return 1 if failures else 0
 
