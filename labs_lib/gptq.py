@@ -11,8 +11,7 @@ import torch
 
 from .blockquant import IntGroup
 from .errors import LabsError
-from .fake_quant import SKIP, linear_layers
-from .layerwise import LayerInputs, quantize_layer_by_layer
+from .layerwise import SKIP, LayerInputs, forward_pre_hooks, linear_layers, quantize_layer_by_layer
 
 __all__ = ["GPTQ", "collect_hessians"]
 
@@ -42,14 +41,10 @@ def collect_hessians(layer: torch.nn.Module, inputs: LayerInputs, linears: dict[
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-    try:
+    with forward_pre_hooks((m, hook(n)) for n, m in linears.items()):
         for hidden in inputs.hidden:
             seen.clear()
             layer(hidden, **inputs.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
     hessians = {o: 2 * sums[o] / counts[o] for o in sums}
     return {name: hessians[owner_of.get(name, name)] for name in linears}
 

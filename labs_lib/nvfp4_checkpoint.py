@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from .blockquant import E2M1_MAX, E4M3_MAX, NVFP4
-from .fake_quant import SKIP, linear_layers
+from .layerwise import SKIP, linear_layers
 
 FUSED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 

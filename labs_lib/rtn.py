@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .blockquant import IntGroup
-from .fake_quant import SKIP, linear_layers
+from .layerwise import SKIP, linear_layers
 
 __all__ = ["RTN"]
 
