@@ -1,15 +1,31 @@
-"""Build results/REPORT.md from the labs' results files: headline numbers, tables, plots, run times."""
+"""Build results/REPORT.md from the labs' results files: headline numbers, tables, plots, run times; and the
+Markdown tables the labs display."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .evaluate import markdown_table
 from .files import write_atomic
 from .results import results_dir
 
-__all__ = ["build_report"]
+__all__ = ["build_report", "markdown_table"]
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A Markdown table from a list of dicts with the same keys (display with IPython's Markdown)."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def _lab_section(record: dict, seconds: float | None) -> list[str]:
