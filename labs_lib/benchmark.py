@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import re
 import time
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .data import Corpus, tokenize
 from .errors import LabsError
+from .files import write_atomic
 
 __all__ = ["TASK_DIR", "PPL_TASK", "MC_TASK", "next_word_items", "write_task_data", "LlamaCppLM", "run_tasks", "evaluate_built", "HUB_TASKS", "run_hub_tasks"]
 
@@ -74,9 +74,7 @@ def write_task_data(tokenizer, corpus: Corpus, eval_ids: torch.Tensor, window: i
     docs = [{"text": tokenizer.decode(eval_ids[i * window : (i + 1) * window])} for i in range(n)]
     items = next_word_items(tokenizer, corpus.evaluation, n_items)
     for name, rows in [(PPL_TASK, docs), (MC_TASK, items)]:
-        tmp = folder / f"{name}.jsonl.partial"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, folder / f"{name}.jsonl")
+        write_atomic(folder / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     return folder
 
 
