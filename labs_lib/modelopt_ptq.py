@@ -3,7 +3,6 @@ a clear error when it is missing, calibration with a progress bar, export writte
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -52,10 +51,9 @@ def modelopt_export(model, folder: Path) -> Path:
 
 def export_folder(model_name: str, config_name: str) -> Path:
     """Where the unified checkpoint of `model_name` under `config_name` is cached (Lab 02 writes the NVFP4 one)."""
-    from .models import cache_dir
+    from .models import cache_path
 
-    suffix = EXPORT_SUFFIX.get(config_name, config_name.lower())
-    return cache_dir() / "exports" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name) + f"-{suffix}")
+    return cache_path("exports", model_name, EXPORT_SUFFIX.get(config_name, config_name.lower()))
 
 
 def exported_checkpoint(model_name: str, config_name: str, batches: torch.Tensor, tokenizer=None) -> tuple[Path, float | None]:
