@@ -39,7 +39,8 @@ def perplexity(model, tokens: torch.Tensor, window: int = 1024, batch_size: int 
     for i in tqdm(range(0, n, batch_size), desc=desc, leave=False):
         batch = windows[i : i + batch_size].to(device)
         logits = model(batch).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        targets = batch[:, 1:].reshape(-1)
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum")
         total_nll += nll.item()
         count += batch[:, 1:].numel()
     return math.exp(total_nll / count)

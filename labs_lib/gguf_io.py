@@ -233,8 +233,8 @@ def _parse(path: Path) -> tuple[dict, list[dict], int]:
 
 def read_gguf(path: Path) -> dict:
     """Metadata (long arrays shown by their length), one row per tensor (name, type, shape, bytes, bits/weight,
-    offset), the file's size and its tensors' bits per weight. Parsed in one pass (the gguf package's GGUFReader takes seconds on a 49k-token vocabulary); a
-    missing, truncated or foreign file raises LabsError with what to do."""
+    offset), the file's size and its tensors' bits per weight. Parsed in one pass (the gguf package's GGUFReader
+    takes seconds on a 49k-token vocabulary); a missing, truncated or foreign file raises LabsError with what to do."""
     metadata, tensors, size = _parse(path)
     shown = {k: (f"[{len(v)} items]" if isinstance(v, list) and len(v) > 8 else v) for k, v in metadata.items()}
     weights = sum(int(np.prod(t["shape"])) for t in tensors)
@@ -248,10 +248,15 @@ def compare_gguf(ours: Path, theirs: Path) -> dict:
     meta_b, tensors_b, _ = _parse(theirs)
     rows_b = {t["name"]: t for t in tensors_b}
     with open(ours, "rb") as fa, open(theirs, "rb") as fb, \
-            mmap.mmap(fa.fileno(), 0, access=mmap.ACCESS_READ) as a, mmap.mmap(fb.fileno(), 0, access=mmap.ACCESS_READ) as b:
-        identical = [t["name"] for t in tensors_a if t["name"] in rows_b
-                     and (t["type"], t["shape"]) == (rows_b[t["name"]]["type"], rows_b[t["name"]]["shape"])
-                     and a[t["offset"] : t["offset"] + t["bytes"]] == b[rows_b[t["name"]]["offset"] : rows_b[t["name"]]["offset"] + t["bytes"]]]
+            mmap.mmap(fa.fileno(), 0, access=mmap.ACCESS_READ) as a, \
+            mmap.mmap(fb.fileno(), 0, access=mmap.ACCESS_READ) as b:
+
+        def same(t: dict) -> bool:
+            other = rows_b.get(t["name"])
+            return (other is not None and (t["type"], t["shape"]) == (other["type"], other["shape"])
+                    and a[t["offset"] : t["offset"] + t["bytes"]] == b[other["offset"] : other["offset"] + t["bytes"]])
+
+        identical = [t["name"] for t in tensors_a if same(t)]
     shared = [k for k in meta_a if k in meta_b]
     return {"tensors identical": len(identical), "tensors": len(tensors_a), "tensors theirs": len(tensors_b),
             "tensors differing": sorted({t["name"] for t in tensors_a} - set(identical)),

@@ -17,7 +17,8 @@ __all__ = ["GPTQ", "collect_hessians"]
 
 
 @torch.no_grad()
-def collect_hessians(layer: torch.nn.Module, inputs: LayerInputs, linears: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
+def collect_hessians(layer: torch.nn.Module, inputs: LayerInputs,
+                     linears: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
     """H = 2/N Σ x xᵀ over the N calibration tokens reaching each Linear of `layer`.
 
     Linears fed the very same tensor (q/k/v, gate/up) share one matrix, computed once.
@@ -114,7 +115,8 @@ class GPTQ:
         Q = Qt.T[:, torch.argsort(perm)]
         return self.scheme.quantize_with(Q, scale.T, None if zero is None else zero.T)
 
-    def quantize_layer(self, prefix: str, layer: torch.nn.Module, inputs: LayerInputs) -> dict[str, dict[str, torch.Tensor]]:
+    def quantize_layer(self, prefix: str, layer: torch.nn.Module,
+                       inputs: LayerInputs) -> dict[str, dict[str, torch.Tensor]]:
         """Hessians from one pass over the layer's inputs, then every Linear of the layer in place.
 
         Rows of W are quantized independently given H, so Linears sharing an input (q/k/v, gate/up)

@@ -52,7 +52,8 @@ class LibraryRun:
     cached: bool  # True when this call found the checkpoint already built
 
 
-def gptqmodel_quantize(model_name: str, method: str, scheme: IntGroup, batches: torch.Tensor, damp: float = 0.01) -> LibraryRun:
+def gptqmodel_quantize(model_name: str, method: str, scheme: IntGroup, batches: torch.Tensor,
+                       damp: float = 0.01) -> LibraryRun:
     """Quantize `model_name` with GPTQModel (method "gptq" or "awq") on `batches`; cached on disk."""
     if method not in METHODS:
         raise LabsError(f"Unknown method '{method}': use one of {', '.join(METHODS)}.")
@@ -78,7 +79,8 @@ def gptqmodel_quantize(model_name: str, method: str, scheme: IntGroup, batches: 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):  # it writes ./logs/ wherever it runs
         model = GPTQModel.load(source, config, device="cuda" if cuda else "cpu", dtype=dtype)
-        model.quantize([{"input_ids": b.tolist(), "attention_mask": [1] * len(b)} for b in batches], batch_size=1, backend=backend)
+        examples = [{"input_ids": b.tolist(), "attention_mask": [1] * len(b)} for b in batches]
+        model.quantize(examples, batch_size=1, backend=backend)
     seconds = time.perf_counter() - start
     with atomic_folder(folder) as tmp:
         model.save(str(tmp))

@@ -73,7 +73,8 @@ def setup_lab(lab: str, title: str, profile: str | None = None, model: str | Non
     print(f"Lab {lab} · {title}")
     print(f"profile  {profile}: " + ", ".join(f"{k}={v}" for k, v in resolved.items()))
     print(f"model    {_describe_model(cfg.model)}")
-    corpus_note = " (Python reference manual from the standard library, split by topic)" if cfg.corpus == EMBEDDED_CORPUS else ""
+    embedded = cfg.corpus == EMBEDDED_CORPUS
+    corpus_note = " (Python reference manual from the standard library, split by topic)" if embedded else ""
     print(f"corpus   {cfg.corpus}{corpus_note}")
     print(f"hub      Hugging Face Hub {hub}")
     print(f"device   {info['device']}: {info['name']} · torch {torch.__version__} · Python {platform.python_version()}")

@@ -24,14 +24,14 @@ SKIP = ("lm_head",)  # the output head stays in high precision, as Model Optimiz
 
 def linear_layers(model: torch.nn.Module, skip: tuple[str, ...] = SKIP) -> dict[str, torch.nn.Linear]:
     """Every nn.Linear of `model` by name, except those whose name contains one of `skip`."""
-    return {
-        name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip)
-    }
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip)}
 
 
 @contextmanager
 def forward_pre_hooks(hooks: Iterable[tuple[torch.nn.Module, Callable]], with_kwargs: bool = False) -> Iterator[None]:
-    """Register each (module, hook) as a forward pre-hook for the duration of the block; removed on exit, even on error."""
+    """Register each (module, hook) as a forward pre-hook for the duration of the block; all are removed on exit,
+    even on an error."""
     handles = []
     try:
         for module, hook in hooks:
@@ -104,7 +104,8 @@ def layer_inputs(model, batches: torch.Tensor, index: int, batch_size: int = 8) 
 
 
 @torch.no_grad()
-def collect_linear_inputs(layer: torch.nn.Module, inputs: LayerInputs, names: list[str]) -> dict[str, list[torch.Tensor]]:
+def collect_linear_inputs(layer: torch.nn.Module, inputs: LayerInputs,
+                          names: list[str]) -> dict[str, list[torch.Tensor]]:
     """The input of each named Linear, one tensor per calibration chunk."""
     modules = dict(layer.named_modules())
     features: dict[str, list[torch.Tensor]] = {n: [] for n in names}

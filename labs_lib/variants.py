@@ -79,7 +79,8 @@ class Cast:
 
 @dataclass
 class FakeQuant:
-    """Weights (and, for W8A8/W4A4, inputs with calibrated static ranges) rounded to a scheme from labs_lib.blockquant."""
+    """Weights (and, for W8A8/W4A4, inputs with calibrated static ranges) rounded to a scheme from
+    labs_lib.blockquant."""
 
     name: str
     weights: Scheme
@@ -89,15 +90,16 @@ class FakeQuant:
         start = time.perf_counter()
         amax = ctx.input_amax() if self.activations is not None else None
         model = fake_quantized_copy(ctx.base, self.weights, self.activations, amax).to(torch.bfloat16)
-        return Built(self.name, "transformers", model, *_size(model, self.weights), round(time.perf_counter() - start, 1))
+        seconds = round(time.perf_counter() - start, 1)
+        return Built(self.name, "transformers", model, *_size(model, self.weights), seconds)
 
 
 @dataclass
 class Layerwise:
     """A labs_lib.quantizer.Quantizer (GPTQ, AWQ, RTN) applied to the base model on the calibration batches.
 
-    The cache holds what the method returns for each Linear (codes, scales, zeros), plus the few other tensors the method
-    changed (AWQ folds its scales into the norms), so a cached build is exact, not re-run.
+    The cache holds what the method returns for each Linear (codes, scales, zeros), plus the few other tensors the
+    method changed (AWQ folds its scales into the norms), so a cached build is exact, not re-run.
     """
 
     name: str
@@ -158,10 +160,11 @@ class BitsAndBytes:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise LabsError("bitsandbytes is not installed: pip install bitsandbytes==0.50.2 (in requirements.txt).") from None
+            raise LabsError("bitsandbytes is not installed: pip install bitsandbytes==0.50.2 "
+                            "(in requirements.txt).") from None
         start = time.perf_counter()
-        config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-                  if self.four_bit else BitsAndBytesConfig(load_in_8bit=True))
+        nf4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        config = BitsAndBytesConfig(**nf4) if self.four_bit else BitsAndBytesConfig(load_in_8bit=True)
         device = next(ctx.base.parameters()).device
         model = AutoModelForCausalLM.from_pretrained(model_folder(ctx.model_name), quantization_config=config,
                                                      dtype=torch.bfloat16, device_map=str(device))

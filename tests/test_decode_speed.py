@@ -39,10 +39,15 @@ def test_static_cache_decode_matches_transformers():
 
 
 def test_cpu_timing_row():
-    model = DecodeModel(DecodeShape(64, 2, 4, 2, 128, 97), max_len=32, device="cpu", dtype=torch.float32)
+    """The row's bytes agree with the roofline's independent count from the shape (fp32: 32 bits everywhere),
+    and its speeds are those bytes over the measured time."""
+    shape = DecodeShape(hidden=512, layers=2, heads=8, kv_heads=4, intermediate=2048, vocab=32000)
+    model = DecodeModel(shape, max_len=32, device="cpu", dtype=torch.float32)
     row = time_decode(model, "eager", tokens=3, context=4)
-    assert row["ms/token"] > 0 and row["GB read/token"] == pytest.approx(
-        (model.weight_bytes_per_token() + model.kv_bytes_per_token(4)) / 1e9, abs=1e-3)
+    expected = decode_bytes_per_token(shape, linear_bits=32, head_bits=32, context=4, kv_bits=32)
+    assert row["GB read/token"] == pytest.approx(expected / 1e9, abs=1e-3) and row["GB read/token"] > 0.05
+    assert row["ms/token"] > 0 and row["tokens/s"] == pytest.approx(1000 / row["ms/token"], rel=0.01)
+    assert row["achieved GB/s"] == pytest.approx(expected / 1e6 / row["ms/token"], rel=0.01, abs=1)
 
 
 def test_byte_counts_agree_and_published_speeds_respect_the_ceiling():
@@ -55,7 +60,7 @@ def test_byte_counts_agree_and_published_speeds_respect_the_ceiling():
         assert point["decode tok/s"] < ceiling
 
 
-def test_gguf_bytes_per_token_counts_the_tied_embedding():
+def test_gguf_bytes_per_token_counts_the_tied_embedding(facts):
     pytest.importorskip("llama_cpp")
     from labs_lib.gguf_io import read_gguf
     from labs_lib.llamacpp import gguf_for
@@ -65,4 +70,5 @@ def test_gguf_bytes_per_token_counts_the_tied_embedding():
     info = read_gguf(path)
     assert "output.weight" not in {t["name"] for t in info["tensors"]}  # tied: token_embd is also the output layer
     assert gguf_bytes_per_token(path) == sum(t["bytes"] for t in info["tensors"])
-    assert gguf_bytes_per_token(path, context=100) - gguf_bytes_per_token(path) == 2 * 30 * 3 * 64 * 100 * 2
+    kv_f16 = 2 * facts.layers * facts.kv_heads * facts.head_dim * 100 * 2  # K and V, 100 tokens, F16
+    assert gguf_bytes_per_token(path, context=100) - gguf_bytes_per_token(path) == kv_f16

@@ -60,7 +60,8 @@ def test_model_optimizer_w4a4_forward_matches_labs_lib_emulation():
         ref, a, b = model(probe).logits, ours(probe).logits, theirs(probe).logits
     quant_effect = (b - ref).norm() / ref.norm()
     disagreement = (a - b).norm() / ref.norm()
-    print(f"quantization changes logits by {quant_effect:.4f}; labs_lib vs Model Optimizer differ by {disagreement:.2e}")
+    print(f"quantization changes logits by {quant_effect:.4f}; labs_lib vs Model Optimizer differ by "
+          f"{disagreement:.2e}")
     assert quant_effect > 1e-3  # the quantizers are really on
     assert disagreement < 0.01 * quant_effect
 
@@ -91,14 +92,16 @@ def test_gptq_and_awq_on_cuda_match_the_cpu(method):
         assert differ < 0.02, (name, differ)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores")
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs FP8 tensor cores")
 def test_fp8_linear_on_fp8_tensor_cores_matches_the_cpu_emulation():
     from labs_lib.fp8 import FP8Linear, ScalingRecipe, quantize
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, generator=g) * 100
     for fmt in ("fp8_e4m3", "fp8_e5m2"):  # native cast == formats.cast, saturation included
-        assert torch.equal(quantize(x.cuda(), fmt, torch.tensor(3.0).cuda()).float().cpu(), quantize(x, fmt, torch.tensor(3.0)))
+        native = quantize(x.cuda(), fmt, torch.tensor(3.0).cuda()).float().cpu()
+        assert torch.equal(native, quantize(x, fmt, torch.tensor(3.0)))
     linear = torch.nn.Linear(256, 128)
     inp = torch.randn(64, 256, generator=g)
     grad = torch.randn(64, 128, generator=g)

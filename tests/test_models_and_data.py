@@ -37,7 +37,8 @@ def test_a_local_folder_and_the_hub_id_of_the_same_name_never_share_a_cache(tmp_
         assert all(p.is_relative_to(tmp_path / "cache" / kind) and p.name == "-".join(key) for p in paths)
     # the same folder named two ways (relative, absolute) is one model
     monkeypatch.chdir(tmp_path)
-    assert models.cache_path("gguf", "data/SmolLM2-135M-Instruct", "F16") == models.cache_path("gguf", str(local), "F16")
+    relative = models.cache_path("gguf", "data/SmolLM2-135M-Instruct", "F16")
+    assert relative == models.cache_path("gguf", str(local), "F16")
     from labs_lib.llamacpp import gguf_file
     from labs_lib.modelopt_ptq import export_folder
 
