@@ -4,15 +4,16 @@ import pytest
 import torch
 
 from labs_lib.decode_speed import DecodeModel, time_decode
-from labs_lib.roofline import (HARDWARE, LLAMA_3_1_8B, SPARK_PUBLISHED, DecodeShape, decode_bytes_per_token,
+from labs_lib.roofline import (HARDWARE, LLAMA_3_1_8B, SPARK_PUBLISHED, decode_bytes_per_token,
                                decode_ceiling_tokens_per_s, gguf_bytes_per_token)
+from labs_lib.sizing import ModelShape
 
 
 def test_static_cache_decode_matches_transformers():
     """Same weights, same greedy tokens: RoPE layout, GQA, the KV cache and the norms are all right."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = DecodeShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97)
+    shape = ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97)
     config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=128, vocab_size=97, rms_norm_eps=1e-5, rope_theta=10000.0,
                          tie_word_embeddings=False)
@@ -41,7 +42,7 @@ def test_static_cache_decode_matches_transformers():
 def test_cpu_timing_row():
     """The row's bytes agree with the roofline's independent count from the shape (fp32: 32 bits everywhere),
     and its speeds are those bytes over the measured time."""
-    shape = DecodeShape(hidden=512, layers=2, heads=8, kv_heads=4, intermediate=2048, vocab=32000)
+    shape = ModelShape(hidden=512, layers=2, heads=8, kv_heads=4, intermediate=2048, vocab=32000)
     model = DecodeModel(shape, max_len=32, device="cpu", dtype=torch.float32)
     row = time_decode(model, "eager", tokens=3, context=4)
     expected = decode_bytes_per_token(shape, linear_bits=32, head_bits=32, context=4, kv_bits=32)
@@ -53,10 +54,12 @@ def test_cpu_timing_row():
 def test_byte_counts_agree_and_published_speeds_respect_the_ceiling():
     # two independent counts of Llama 3.1 8B's BF16 decode bytes: the shape formula and the tensors allocated
     meta = DecodeModel(LLAMA_3_1_8B, max_len=256, device="meta")
-    assert decode_bytes_per_token(LLAMA_3_1_8B, 16, context=256) == meta.weight_bytes_per_token() + meta.kv_bytes_per_token(256)
+    allocated = meta.weight_bytes_per_token() + meta.kv_bytes_per_token(256)
+    assert decode_bytes_per_token(LLAMA_3_1_8B, 16, context=256) == allocated
     assert decode_bytes_per_token(LLAMA_3_1_8B, 16) == pytest.approx(8.03e9 * 2 - 128256 * 4096 * 2, rel=0.01)
     for point in SPARK_PUBLISHED:
-        ceiling = decode_ceiling_tokens_per_s(decode_bytes_per_token(LLAMA_3_1_8B, point["bits"]), HARDWARE["dgx_spark"].bandwidth_gb_s)
+        step_bytes = decode_bytes_per_token(LLAMA_3_1_8B, point["bits"])
+        ceiling = decode_ceiling_tokens_per_s(step_bytes, HARDWARE["dgx_spark"].bandwidth_gb_s)
         assert point["decode tok/s"] < ceiling
 
 

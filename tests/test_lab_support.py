@@ -76,6 +76,7 @@ def test_results_and_report(tmp_path, monkeypatch):
 def test_fp4_and_fp8_status_follow_the_compute_capability(monkeypatch, capability, fp8, fp4):
     from labs_lib import hardware
 
+    monkeypatch.delenv("LABS_DEVICE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
@@ -90,6 +91,7 @@ def test_fp4_and_fp8_status_follow_the_compute_capability(monkeypatch, capabilit
 def test_fp4_status_on_a_cpu_says_emulated(monkeypatch):
     from labs_lib import hardware
 
+    monkeypatch.delenv("LABS_DEVICE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert hardware.device_info()["device"] == "cpu"
     assert "no on this CPU" in hardware.fp4_status() and "emulated" in hardware.fp4_status()
