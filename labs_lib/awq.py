@@ -47,6 +47,7 @@ class AWQ:
         return f"AWQ {self.scheme.name}"
 
     def scales(self, x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+        """s = mean|x|^alpha per input channel, normalised so that sqrt(max s * min s) = 1."""
         s = x_mean.pow(alpha).clamp(min=1e-4)
         return s / (s.max() * s.min()).sqrt()
 

@@ -71,7 +71,9 @@ def test_broken_model_folders_fail_clearly_and_leave_no_cache(defect, problem, t
         (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": 5')
     elif defect == "list":
         (folder / "config.json").write_text("[]")
-    for load in (models.load_model, models.load_tokenizer, models.model_folder, lambda n: gguf_for(n, "Q8_0")):
+    loaders = (models.load_model, models.load_tokenizer, models.model_config, models.model_folder,
+               lambda n: gguf_for(n, "Q8_0"))
+    for load in loaders:
         with pytest.raises(LabsError, match=re.escape(f"model folder {folder} {problem}")):
             load(str(folder))
     assert not cache.exists() or not any(cache.rglob("*"))
