@@ -107,8 +107,7 @@ def _folder_problem(folder: Path) -> str | None:
     if not config.is_file():
         return "has no config.json"
     try:
-        text = config.read_text()
-        if not isinstance(json.loads(text), dict):
+        if not isinstance(json.loads(config.read_text()), dict):
             return "has a config.json that is not a JSON object"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return f"has a corrupt config.json ({type(exc).__name__}: {exc})"
@@ -120,8 +119,8 @@ def _checked_folder(folder: Path) -> Path:
     problem = _folder_problem(folder)
     if problem is not None:
         raise LabsError(f"The model folder {folder} {problem}. A model folder holds config.json, the tokenizer files "
-                        f"and *.safetensors weights: download it again (huggingface-cli download <id> --local-dir DIR) "
-                        f"or point LABS_MODEL at the right folder.")
+                        "and *.safetensors weights: download it again (huggingface-cli download <id> --local-dir DIR) "
+                        "or point LABS_MODEL at the right folder.")
     return folder
 
 
