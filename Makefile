@@ -60,6 +60,7 @@ report: $(STAMP)
 	$(PY) -c "from labs_lib.report import build_report; print(build_report())"
 
 test: $(STAMP) $(LLAMA_STAMP)
+	$(PY) -m ruff check labs_lib tests
 	LABS_PROFILE=quick LABS_RESULTS_DIR=$(CURDIR)/build/test-results \
 	  $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
 

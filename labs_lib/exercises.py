@@ -13,11 +13,13 @@ import torch
 
 from .blockquant import NVFP4, IntGroup, unpack_nibbles
 from .formats import FORMATS, cast, decode
-from .roofline import HARDWARE, LLAMA_3_1_70B, MODEL_PARAMS, decode_bytes_per_token, decode_ceiling_tokens_per_s, weight_bytes
+from .roofline import (HARDWARE, LLAMA_3_1_70B, MODEL_PARAMS, decode_bytes_per_token, decode_ceiling_tokens_per_s,
+                       weight_bytes)
 
 __all__ = ["check", "judge", "EXERCISES"]
 
-_PROBE = torch.tensor([0.0, -0.0, 1.0, 0.1, -3.3, 17.0, 240.0, 250.0, 449.0, 1e6, -1e6, 2.0**-7, 2.0**-9, 3 * 2.0**-11, 2.0**-12])
+_PROBE = torch.tensor([0.0, -0.0, 1.0, 0.1, -3.3, 17.0, 240.0, 250.0, 449.0, 1e6, -1e6, 2.0**-7, 2.0**-9,
+                       3 * 2.0**-11, 2.0**-12])
 
 
 def _function_matches(reference: Callable, probe: torch.Tensor) -> Callable:
@@ -48,12 +50,14 @@ def _number_close(value: Callable[[], float], rel: float = 0.01) -> Callable:
 EXERCISES: dict[str, Callable] = {
     # lab 01
     "round_to_e4m3": _function_matches(lambda x: cast(x, "fp8_e4m3"), _PROBE),
-    "llama8b_nvfp4_gb": _number_close(lambda: weight_bytes(MODEL_PARAMS["Llama-3.1-8B"][0], NVFP4().bits_per_weight()) / 1e9),
+    "llama8b_nvfp4_gb": _number_close(
+        lambda: weight_bytes(MODEL_PARAMS["Llama-3.1-8B"][0], NVFP4().bits_per_weight()) / 1e9),
     # lab 02
     "nvfp4_bits_block32": _number_close(lambda: NVFP4(block_size=32).bits_per_weight(), rel=1e-6),
     "decode_byte_0x2b": lambda pair: _packed_pair(0x2B, pair),
     # lab 03
-    "int4_g64_asym_layer_bytes": _number_close(lambda: IntGroup(4, 64, symmetric=False).storage_bytes((4096, 4096)), rel=1e-6),
+    "int4_g64_asym_layer_bytes": _number_close(
+        lambda: IntGroup(4, 64, symmetric=False).storage_bytes((4096, 4096)), rel=1e-6),
     "gptq_second_weight": _number_close(lambda: _gptq_two_weights(), rel=1e-3),
     # lab 04
     "awq_alpha_that_is_rtn": lambda alpha: _awq_alpha_is_identity(alpha),
@@ -112,7 +116,8 @@ def _packed_pair(byte: int, pair) -> tuple[bool, str]:
     want = tuple(decode(unpack_nibbles(torch.tensor([byte], dtype=torch.uint8)), "fp4_e2m1").tolist())
     if tuple(float(v) for v in pair) == want:
         return True, f"0x{byte:02X} holds {want[0]:g} (low nibble, even element) and {want[1]:g} (high nibble)"
-    return False, "the low nibble is the first (even) element; decode each nibble as sign | 2 exponent bits | 1 mantissa bit"
+    return False, ("the low nibble is the first (even) element; decode each nibble as sign | 2 exponent bits | "
+                   "1 mantissa bit")
 
 
 def judge(name: str, answer) -> tuple[bool, str]:

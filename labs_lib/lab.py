@@ -85,12 +85,14 @@ def setup_lab(lab: str, title: str, profile: str | None = None, model: str | Non
     print(f"Lab {lab} · {title}")
     print(f"profile  {profile}: " + ", ".join(f"{k}={v}" for k, v in resolved.items()))
     print(f"model    {_describe_model(cfg.model)}")
-    corpus_note = " (Python reference manual from the standard library, split by topic)" if cfg.corpus == EMBEDDED_CORPUS else ""
+    embedded = cfg.corpus == EMBEDDED_CORPUS
+    corpus_note = " (Python reference manual from the standard library, split by topic)" if embedded else ""
     print(f"corpus   {cfg.corpus}{corpus_note}")
     print(f"hub      Hugging Face Hub {hub}")
     print(f"device   {info['device']}: {info['name']} · models in {str(cfg.dtype).removeprefix('torch.')} · "
           f"torch {torch.__version__} · Python {platform.python_version()}")
-    print(f"memory   plan {plan['total_bytes'] / 1e9:.2f} GB ({plan['copies']} model cop{'y' if plan['copies'] == 1 else 'ies'} "
+    copies = f"{plan['copies']} model cop{'y' if plan['copies'] == 1 else 'ies'}"
+    print(f"memory   plan {plan['total_bytes'] / 1e9:.2f} GB ({copies} "
           f"of {plan['weights_bytes'] / 1e9:.2f} GB + activations); {plan['available_bytes'] / 1e9:.0f} GB free")
     print(f"fp4      {fp4_status()}")
     print(f"run time {recorded_run_times(lab)}")
@@ -116,7 +118,8 @@ def check_lab_fits(cfg: LabConfig) -> dict:
     """The lab's memory plan for its model (from the config alone); LabsError before anything loads if it won't fit."""
     shape = ModelShape.from_config(model_config(cfg.model))
     plan = lab_memory_plan(shape, cfg.lab, bytes_per_param=torch.finfo(cfg.dtype).bits // 8,
-                           calib_samples=cfg.sizes["calib_samples"], seq_len=cfg.sizes["seq_len"], window=cfg.sizes["window"])
+                           calib_samples=cfg.sizes["calib_samples"], seq_len=cfg.sizes["seq_len"],
+                           window=cfg.sizes["window"])
     plan["available_bytes"] = available_memory_bytes(cfg.device)
     if plan["total_bytes"] > plan["available_bytes"]:
         raise LabsError(

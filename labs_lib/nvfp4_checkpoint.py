@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from .blockquant import E2M1_MAX, E4M3_MAX, NVFP4
-from .fake_quant import SKIP, linear_layers
+from .layerwise import SKIP, linear_layers
 
 FUSED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -32,7 +32,8 @@ def shared_weight_amax(model, skip: tuple[str, ...] = SKIP) -> dict[str, torch.T
     return amax
 
 
-def nvfp4_state_dict(model, input_amax: dict[str, torch.Tensor] | None = None, skip: tuple[str, ...] = SKIP) -> dict[str, torch.Tensor]:
+def nvfp4_state_dict(model, input_amax: dict[str, torch.Tensor] | None = None,
+                     skip: tuple[str, ...] = SKIP) -> dict[str, torch.Tensor]:
     """The quantized layers' tensors as the export writes them (input_scale when `input_amax` is given)."""
     scheme, out = NVFP4(), {}
     weight_amax = shared_weight_amax(model, skip)

@@ -6,14 +6,29 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .evaluate import markdown_table
 from .files import write_atomic
 from .results import results_dir
 
-__all__ = ["build_report", "load_run", "side_by_side"]
+__all__ = ["build_report", "load_run", "markdown_table", "side_by_side"]
 
 # sub-folder of results/ -> column name: each machine's default run, then the runs at the other profile
 MACHINES = {"": "CPU", "gpu": "GPU", "gpu-quick": "GPU quick", "cpu-full": "CPU full"}
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A Markdown table from a list of dicts with the same keys (display with IPython's Markdown)."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def load_run(folder: Path) -> dict:
@@ -61,7 +76,8 @@ def side_by_side(runs: dict[str, dict]) -> tuple[list[dict], list[dict]]:
 
 def _lab_section(record: dict, seconds: float | None, machine: str) -> list[str]:
     device = record["device"]
-    where = device["name"] + (f" (compute capability {device['compute_capability']})" if device["compute_capability"] else "")
+    capability = device["compute_capability"]
+    where = device["name"] + (f" (compute capability {capability})" if capability else "")
     lines = [
         f"### Lab {record['lab']} · {record['title']} · {machine}",
         "",
@@ -90,12 +106,13 @@ def build_report(root: Path | None = None) -> Path:
         raise FileNotFoundError(f"no lab results in {root}: run the labs first (make run)")
     versions = next(iter(runs["CPU" if "CPU" in runs else next(iter(runs))]["records"].values()))["versions"]
     lines = ["# Spark Quantization Labs · results", "",
-             "Every number below was computed by the labs in `notebooks/` on the machine named in each section; nothing "
-             "is typed in by hand. Each machine's section is one run of `make run` (`python -m labs_lib.run_labs`): "
-             "quick profile on a CPU, full on a GPU.", "",
+             "Every number below was computed by the labs in `notebooks/` on the machine named in each section; "
+             "nothing is typed in by hand. Each machine's section is one run of `make run` "
+             "(`python -m labs_lib.run_labs`): quick profile on a CPU, full on a GPU.", "",
              "Libraries (CPU run): " + ", ".join(f"{k} {v}" for k, v in versions.items()), "", "## The runs", ""]
     lines += [markdown_table([{"machine": name, "device": run["log"].get("machine", {}).get("name", ""),
-                               "profile": run["log"].get("profile", ""), "started (UTC)": run["log"].get("started_utc", ""),
+                               "profile": run["log"].get("profile", ""),
+                               "started (UTC)": run["log"].get("started_utc", ""),
                                "wall s": run["log"].get("wall_s", ""),
                                "labs ok": sum(v["status"] == "ok" for v in run["log"].get("labs", {}).values())}
                               for name, run in runs.items()]), ""]
@@ -104,7 +121,8 @@ def build_report(root: Path | None = None) -> Path:
     if len(runs) > 1:
         lines += ["## The same perplexities on each machine", "",
                   "Profiles differ (CPU quick, GPU full: more calibration and evaluation tokens), and so do dtypes "
-                  "(float32 on the CPU, BF16 on the GPU); the GPU-quick run, where present, uses the CPU's exact tokens.",
+                  "(float32 on the CPU, BF16 on the GPU); the GPU-quick run, where present, uses the CPU's exact "
+                  "tokens.",
                   "", markdown_table(ppl), ""]
     for name, run in runs.items():
         lines += [f"## {name} run", ""]

@@ -67,7 +67,8 @@ def save_figure(fig, cfg: LabConfig, name: str) -> Path:
 
 
 def save_results(cfg: LabConfig, headline: dict, tables: dict[str, list[dict]] | None = None) -> Path:
-    """results/<lab>_<topic>.json (e.g. 03_gptq.json): what ran (model, corpus, profile, device, versions) and what it measured."""
+    """results/<lab>_<topic>.json (e.g. 03_gptq.json): what ran (model, corpus, profile, device, versions) and what
+    it measured."""
     record = {
         "lab": cfg.lab,
         "title": cfg.title,

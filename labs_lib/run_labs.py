@@ -45,11 +45,12 @@ def run(profile: str | None, model: str | None, labs: list[str] | None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     executed.mkdir(parents=True, exist_ok=True)
     # the kernels read these, exactly as a learner's notebook does: no injected parameter cell
-    os.environ.update({"LABS_PROFILE": profile, "LABS_RESULTS_DIR": str(results)} | ({"LABS_MODEL": model} if model else {}))
+    os.environ.update({"LABS_PROFILE": profile, "LABS_RESULTS_DIR": str(results)}
+                      | ({"LABS_MODEL": model} if model else {}))
     log_path = results / "run_log.json"
     previous = json.loads(log_path.read_text()) if labs and log_path.is_file() else {}
-    log = {"machine": device_info(), "profile": profile, "started_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-           "labs": previous.get("labs", {})}
+    started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    log = {"machine": device_info(), "profile": profile, "started_utc": started, "labs": previous.get("labs", {})}
     failures, start_all = 0, time.perf_counter()
     for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):
         lab = nb.name[:2]
@@ -76,8 +77,10 @@ def run(profile: str | None, model: str | None, labs: list[str] | None) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default=None, choices=["quick", "full"], help="default: full on a GPU, quick on a CPU")
-    parser.add_argument("--model", default=None, help="Hugging Face id or local folder (default: LABS_MODEL or the embedded model)")
+    parser.add_argument("--profile", default=None, choices=["quick", "full"],
+                        help="default: full on a GPU, quick on a CPU")
+    parser.add_argument("--model", default=None,
+                        help="Hugging Face id or local folder (default: LABS_MODEL or the embedded model)")
     parser.add_argument("--labs", nargs="*", help="two-digit lab numbers to run (default: all)")
     args = parser.parse_args()
     sys.exit(run(args.profile, args.model, args.labs))

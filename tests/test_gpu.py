@@ -61,7 +61,8 @@ def test_model_optimizer_w4a4_forward_matches_labs_lib_emulation():
         ref, a, b = model(probe).logits, ours(probe).logits, theirs(probe).logits
     quant_effect = (b - ref).norm() / ref.norm()
     disagreement = (a - b).norm() / ref.norm()
-    print(f"quantization changes logits by {quant_effect:.4f}; labs_lib vs Model Optimizer differ by {disagreement:.2e}")
+    print(f"quantization changes logits by {quant_effect:.4f}; labs_lib vs Model Optimizer differ by "
+          f"{disagreement:.2e}")
     assert quant_effect > 1e-3  # the quantizers are really on
     assert disagreement < 0.01 * quant_effect
 
@@ -92,14 +93,16 @@ def test_gptq_and_awq_on_cuda_match_the_cpu(method):
         assert differ < 0.02, (name, differ)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores")
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs FP8 tensor cores")
 def test_fp8_linear_on_fp8_tensor_cores_matches_the_cpu_emulation():
     from labs_lib.fp8 import FP8Linear, ScalingRecipe, quantize
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, generator=g) * 100
     for fmt in ("fp8_e4m3", "fp8_e5m2"):  # native cast == formats.cast, saturation included
-        assert torch.equal(quantize(x.cuda(), fmt, torch.tensor(3.0).cuda()).float().cpu(), quantize(x, fmt, torch.tensor(3.0)))
+        native = quantize(x.cuda(), fmt, torch.tensor(3.0).cuda()).float().cpu()
+        assert torch.equal(native, quantize(x, fmt, torch.tensor(3.0)))
     linear = torch.nn.Linear(256, 128)
     inp = torch.randn(64, 256, generator=g)
     grad = torch.randn(64, 128, generator=g)
@@ -130,7 +133,8 @@ def test_lab_policy_puts_models_on_the_gpu_in_bf16():
     cfg = setup_lab("02", "policy", profile="quick", model=EMBEDDED)
     model = load_model(cfg.model, **cfg.placement)
     assert cfg.device == "cuda" and cfg.dtype == torch.bfloat16
-    assert {p.device.type for p in model.parameters()} == {"cuda"} and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 def test_bf16_perplexity_on_gpu_agrees_with_float32_on_cpu():
@@ -203,7 +207,8 @@ def test_bitsandbytes_cuda_kernels_quantize_and_evaluate(tmp_path):
     tokens = _batches(1, 1024, seed=5).flatten()
     bf16 = perplexity(model.cuda().to(torch.bfloat16), tokens, window=256)
     for config in (BitsAndBytesConfig(load_in_8bit=True),
-                   BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)):
+                   BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.bfloat16)):
         quantized = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, dtype=torch.bfloat16,
                                                          device_map="cuda")
         assert quantized(tokens[None, :8].cuda()).logits.is_cuda

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from labs_lib import exercises
+from labs_lib.errors import LabsError
 from labs_lib.formats import cast
 from labs_lib.lab import PROFILES, setup_lab
 
@@ -17,7 +18,8 @@ def test_exercise_checks_accept_right_and_reject_wrong(capsys):
     assert not exercises.judge("round_to_e4m3", lambda x: None)[0]
     assert exercises.judge("llama8b_nvfp4_gb", 4.517)[0] and not exercises.judge("llama8b_nvfp4_gb", 4.0)[0]
     assert exercises.judge("nvfp4_bits_block32", 4.25)[0] and not exercises.judge("nvfp4_bits_block32", 4.5)[0]
-    assert exercises.judge("decode_byte_0x2b", (-1.5, 1.0))[0] and not exercises.judge("decode_byte_0x2b", (1.0, -1.5))[0]
+    assert exercises.judge("decode_byte_0x2b", (-1.5, 1.0))[0]
+    assert not exercises.judge("decode_byte_0x2b", (1.0, -1.5))[0]
     assert not exercises.judge("round_to_e4m3", lambda x: 1 / 0)[0]  # a learner's exception is feedback
     assert exercises.judge("e5m2_min_subnormal", 2.0**-16)[0] and not exercises.judge("e5m2_min_subnormal", 2.0**-14)[0]
     assert exercises.judge("q4_0_bits", 4.5)[0] and not exercises.judge("q4_0_bits", 4.0)[0]
@@ -25,8 +27,10 @@ def test_exercise_checks_accept_right_and_reject_wrong(capsys):
     assert exercises.judge("mc_items_for_stderr", 1875)[0] and not exercises.judge("mc_items_for_stderr", 100)[0]
     assert exercises.judge("bits_per_byte", 0.848)[0] and not exercises.judge("bits_per_byte", 0.588)[0]
     assert exercises.judge("decode_tok_s_example", 50)[0] and not exercises.judge("decode_tok_s_example", 64 / 1.38)[0]
-    assert exercises.judge("llama70b_nvfp4_spark_ceiling", 6.72)[0] and not exercises.judge("llama70b_nvfp4_spark_ceiling", 273 / 70.6)[0]
-    assert exercises.judge("delayed_scale_step4", 448 / 12)[0] and not exercises.judge("delayed_scale_step4", 448 / 6)[0]
+    assert exercises.judge("llama70b_nvfp4_spark_ceiling", 6.72)[0]
+    assert not exercises.judge("llama70b_nvfp4_spark_ceiling", 273 / 70.6)[0]
+    assert exercises.judge("delayed_scale_step4", 448 / 12)[0]
+    assert not exercises.judge("delayed_scale_step4", 448 / 6)[0]
     exercises.check("nvfp4_bits_block32", None)
     assert "not attempted" in capsys.readouterr().out
 
@@ -37,7 +41,7 @@ def test_setup_lab_fills_sizes_from_profile(monkeypatch, capsys):
     assert cfg.eval_tokens == 1234 and cfg.calib_samples == PROFILES["quick"]["calib_samples"]
     out = capsys.readouterr().out
     assert "profile  quick" in out and "model" in out and "corpus" in out and "FP4" in out
-    with pytest.raises(Exception, match="Unknown profile"):
+    with pytest.raises(LabsError, match="Unknown profile 'huge'"):
         setup_lab("99", "test", profile="huge")
 
 
@@ -64,19 +68,46 @@ def test_results_and_report(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*"))  # no temporary files left
 
 
-def test_fp4_status_says_emulated_without_blackwell():
-    from labs_lib.hardware import FP4_MAJORS, fp4_status
+@pytest.mark.parametrize("capability, fp8, fp4", [((12, 1), True, True),  # GB10 (DGX Spark)
+                                                  ((10, 0), True, True),  # B200
+                                                  ((9, 0), True, False),  # H100: FP8, no FP4
+                                                  ((8, 9), True, False),  # Ada
+                                                  ((8, 0), False, False)])  # A100
+def test_fp4_and_fp8_status_follow_the_compute_capability(monkeypatch, capability, fp8, fp4):
+    from labs_lib import hardware
 
-    if not torch.cuda.is_available():
-        assert "emulated" in fp4_status()
-    assert 12 in FP4_MAJORS and 9 not in FP4_MAJORS  # GB10 is 12.1; Hopper 9.0 has no FP4
+    monkeypatch.delenv("LABS_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    info = hardware.device_info()
+    assert (info["native_fp8"], info["native_fp4"]) == (fp8, fp4)
+    assert info["compute_capability"] == f"{capability[0]}.{capability[1]}"
+    assert hardware.fp4_status().startswith("Native FP4: yes" if fp4 else "Native FP4: no")
+    assert ("emulated" in hardware.fp4_status()) != fp4
+    assert hardware.fp8_status().startswith("Native FP8: yes" if fp8 else "Native FP8: no")
+
+
+def test_fp4_status_on_a_cpu_says_emulated(monkeypatch):
+    from labs_lib import hardware
+
+    monkeypatch.delenv("LABS_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hardware.device_info()["device"] == "cpu"
+    assert "no on this CPU" in hardware.fp4_status() and "emulated" in hardware.fp4_status()
 
 
 def test_atomic_writes_leave_nothing_half_written(tmp_path):
-    from labs_lib.files import atomic_folder, write_atomic
+    from labs_lib.files import atomic_folder, atomic_path, write_atomic
 
     write_atomic(tmp_path / "a.json", b"{}")
     assert (tmp_path / "a.json").read_bytes() == b"{}"
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "a.json") as tmp:
+            assert tmp.suffix == ".json" and tmp.parent == tmp_path and tmp.name.startswith(".")
+            tmp.write_bytes(b'{"half":')
+            raise RuntimeError("writer failed half way")
+    assert (tmp_path / "a.json").read_bytes() == b"{}"  # the old version stays whole
     with pytest.raises(RuntimeError):
         with atomic_folder(tmp_path / "export") as tmp:
             (tmp / "model.safetensors").write_bytes(b"partial")
@@ -97,7 +128,8 @@ def test_report_puts_machines_side_by_side(tmp_path, monkeypatch):
         monkeypatch.setenv("LABS_RESULTS_DIR", str(folder))
         cfg = setup_lab("98", "Report test", profile="quick")
         save_results(cfg, {"perplexity reference": ppl})
-        (folder / "run_log.json").write_text(json.dumps({"profile": "quick", "labs": {"98": {"status": "ok", "seconds": seconds}}}))
+        log = {"profile": "quick", "labs": {"98": {"status": "ok", "seconds": seconds}}}
+        (folder / "run_log.json").write_text(json.dumps(log))
     times, ppl = side_by_side({"CPU": load_run(tmp_path), "GPU": load_run(tmp_path / "gpu")})
     assert [times[0][k] for k in ("lab", "CPU s", "GPU s")] == ["98", 40.0, 4.0]
     assert times[0]["CPU peak GB"] > 0 and times[0]["GPU plan GB"] > 0
