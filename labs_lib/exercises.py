@@ -559,3 +559,138 @@ def show_solution(name: str) -> None:
     print(inspect.getsource(ex.solution))
     if ex.kind == "number":
         print(f"= {ex.solution()}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Labs 05-08: coding exercises (a Q8_0 block, one delayed-scaling step, an accuracy's standard error, TTFT and ITL)
+
+def _q8_0_cases() -> tuple[Case, ...]:
+    g = torch.Generator().manual_seed(5)
+    t = torch.tensor
+    return (Case("a block of ordinary weights", (torch.randn(32, generator=g) * 0.02,)),
+            Case("a block whose largest magnitude is negative", (torch.cat([torch.rand(31, generator=g), t([-3.0])]),)),
+            Case("a block of zeros (the scale is 0: store 0 codes)", (torch.zeros(32),)),
+            Case("a block with one outlier", (torch.cat([torch.randn(31, generator=g) * 1e-3, t([0.5])]),)),
+            Case("values half-way between two codes (round half away from zero)",
+                 (t([127.0, -63.5, 0.5, -0.5, 1.5, -2.5] + [0.0] * 26),)))
+
+
+def _q8_0_reference(block: torch.Tensor) -> bytes:
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    return quants.quantize(block.numpy().astype(np.float32)[None], GGMLQuantizationType.Q8_0).tobytes()
+
+
+def q8_0_block_solution(block: torch.Tensor) -> bytes:
+    """One Q8_0 block: FP16 scale d = max|x| / 127, then 32 int8 codes round(x · (1/d)), half away from zero."""
+    import numpy as np
+
+    x = block.numpy().astype(np.float32)
+    d = np.float32(np.abs(x).max() / 127)
+    inverse = np.float32(0 if d == 0 else 1 / d)
+    codes = np.trunc(x * inverse + np.copysign(np.float32(0.5), x))  # round half away from zero, as C's roundf
+    return np.float16(d).tobytes() + codes.astype(np.int8).tobytes()
+
+
+def _delayed_cases() -> tuple[Case, ...]:
+    return (Case("the first step (no history yet: TE starts from scale 1)", ([], 0, 16)),
+            Case("a history of three steps", ([3.0, 12.0, 6.0], 0, 16)),
+            Case("a margin of one binade", ([3.0, 12.0, 6.0], 1, 16)),
+            Case("a history longer than history_len (only the last history_len steps count)",
+                 ([100.0, 2.0, 5.0, 4.0], 0, 3)),
+            Case("a history of zeros (the scale would be infinite: keep 1)", ([0.0, 0.0], 0, 16)))
+
+
+def _delayed_reference(history: list[float], margin: int, history_len: int) -> float:
+    from .fp8 import ScalingRecipe, TensorScaler
+
+    scaler = TensorScaler("fp8_e4m3", ScalingRecipe("delayed", history_len=history_len, margin=margin))
+    for amax in history:
+        scaler.scale(torch.tensor([amax]))
+    return scaler.scale(torch.tensor([1.0])).item()
+
+
+def delayed_scale_solution(history: list[float], margin: int, history_len: int) -> float:
+    """Delayed scaling: E4M3's max over the largest amax of the last history_len steps, halved margin times."""
+    window = history[-history_len:]
+    if not window or max(window) == 0:
+        return 1.0  # no usable history: Transformer Engine keeps scale 1
+    return 448.0 / max(window) / 2**margin
+
+
+def _stderr_cases() -> tuple[Case, ...]:
+    return (Case("3 of 4 correct", ([1, 1, 1, 0],)),
+            Case("75 of 100 correct", ([1] * 75 + [0] * 25,)),
+            Case("all correct (no spread)", ([1] * 10,)),
+            Case("an odd count, 7 of 13 correct", ([1] * 7 + [0] * 6,)))
+
+
+def _stderr_reference(correct: list[int]) -> float:
+    from lm_eval.api.metrics import mean_stderr
+
+    return mean_stderr(correct)
+
+
+def accuracy_stderr_solution(correct: list[int]) -> float:
+    """lm-eval's standard error of a mean: the sample standard deviation (n - 1) over sqrt(n)."""
+    n = len(correct)
+    mean = sum(correct) / n
+    variance = sum((c - mean) ** 2 for c in correct) / (n - 1)
+    return math.sqrt(variance / n)
+
+
+def _ttft_cases() -> tuple[Case, ...]:
+    return (Case("evenly spaced tokens", ([0.2, 0.25, 0.3, 0.35],)),
+            Case("a stall in the middle", ([0.1, 0.12, 0.9, 0.92, 0.94],)),
+            Case("a single token (no gaps)", ([0.5],)),
+            Case("two tokens in one chunk (a gap of 0)", ([0.3, 0.31, 0.31, 0.4],)))
+
+
+def _ttft_reference(token_times_s: list[float]) -> tuple[float, list[float]]:
+    from .serving import RequestResult
+
+    r = RequestResult(token_times_s[0], list(token_times_s), len(token_times_s), token_times_s[-1], "")
+    return r.ttft_s, r.inter_token_s
+
+
+def ttft_itl_solution(token_times_s: list[float]) -> tuple[float, list[float]]:
+    """TTFT is the first token's arrival time after the request was sent; ITLs are the gaps between later tokens."""
+    return token_times_s[0], [b - a for a, b in zip(token_times_s, token_times_s[1:])]
+
+
+def _same_ttft_itl(got, want) -> bool:
+    ttft, gaps = got
+    return (math.isclose(float(ttft), want[0], rel_tol=1e-9) and len(gaps) == len(want[1])
+            and all(math.isclose(float(g), w, rel_tol=1e-9, abs_tol=1e-12) for g, w in zip(gaps, want[1])))
+
+
+EXERCISES.update({
+    "q8_0_block": Exercise(
+        "05", "function",
+        "Write `q8_0_block(block)`: llama.cpp's Q8_0 encoding of one block of {block} float32 weights (a torch "
+        "tensor) as {nbytes} bytes: the scale d = max|x| / 127 as FP16 (2 bytes, little-endian), then {block} int8 "
+        "codes round(x · (1/d)), multiplying by the float32 reciprocal and rounding half away from zero, as C's "
+        "roundf; a block of zeros has d = 0 and codes 0. Return `bytes`; it is checked against the gguf package's "
+        "quantizer, which is byte-identical to llama.cpp's.",
+        q8_0_block_solution, _q8_0_reference, params={"block": 32, "nbytes": 34}, cases=_q8_0_cases(),
+        compare=lambda got, want: bytes(got) == want),
+    "delayed_scale": Exercise(
+        "06", "function",
+        "Write `delayed_scale(history, margin, history_len)`: the E4M3 scale delayed scaling uses at this step, "
+        "given the amaxes of earlier steps (`history`, oldest first). Only the last `history_len` count; "
+        "scale = {fmax:g} / (their largest amax) / 2^margin; with no history, or a largest amax of 0, the scale is 1.",
+        delayed_scale_solution, _delayed_reference, params={"fmax": 448}, cases=_delayed_cases(),
+        compare=lambda got, want: math.isclose(float(got), want, rel_tol=1e-6)),
+    "accuracy_stderr": Exercise(
+        "07", "function",
+        "Write `accuracy_stderr(correct)`: the standard error lm-eval reports for an accuracy, from the list of "
+        "per-item results (1 right, 0 wrong): the sample standard deviation (dividing by n - 1) over √n.",
+        accuracy_stderr_solution, _stderr_reference, cases=_stderr_cases(),
+        compare=lambda got, want: math.isclose(float(got), want, rel_tol=1e-9, abs_tol=1e-12)),
+    "ttft_itl": Exercise(
+        "08", "function",
+        "Write `ttft_itl(token_times_s)`: from the arrival times of a streamed request's tokens (seconds after the "
+        "request was sent), return (TTFT, list of inter-token latencies), as labs_lib.serving measures them.",
+        ttft_itl_solution, _ttft_reference, cases=_ttft_cases(), compare=_same_ttft_itl),
+})
