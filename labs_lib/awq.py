@@ -14,49 +14,15 @@ from dataclasses import dataclass, field
 import torch
 
 from .blockquant import IntGroup
-from .fake_quant import SKIP, linear_layers
-from .layerwise import LayerInputs, collect_linear_inputs, quantize_layer_by_layer
+from .layerwise import (SKIP, LayerInputs, collect_linear_inputs, decoder_layers, linear_layers,
+                        quantize_layer_by_layer)
 from .rtn import RTN
+from .scale_groups import ScaleGroup, fold_scale, scale_groups
 
-__all__ = ["AWQ", "ScaleGroup", "llama_scale_groups", "fold_scale"]
+__all__ = ["AWQ"]
 
 ALPHAS = tuple(i / 20 for i in range(20))  # 0, 0.05, ..., 0.95, as AutoAWQ's grid
 NO_CLIP = ("q_proj", "k_proj")  # their outputs meet in q·kᵀ, which a per-layer error does not see
-
-
-@dataclass
-class ScaleGroup:
-    """Linears that read the output of `prev`, and the module whose output judges their scale."""
-
-    prev: torch.nn.Module  # RMSNorm (scale its weight) or Linear (scale its output rows)
-    linears: list[str]  # names inside the decoder layer
-    inspect: torch.nn.Module
-    is_attention: bool = False
-
-
-def llama_scale_groups(layer: torch.nn.Module) -> list[ScaleGroup]:
-    """Where a Llama decoder layer can absorb input scales. v→o is skipped when v is narrower than o
-    (grouped-query attention repeats v's heads, so one scale per o input cannot be folded into v)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    groups = [ScaleGroup(layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], attn, True)]
-    if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
-        groups.append(ScaleGroup(attn.v_proj, ["self_attn.o_proj"], attn.o_proj))
-    groups.append(ScaleGroup(layer.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"], mlp))
-    groups.append(ScaleGroup(mlp.up_proj, ["mlp.down_proj"], mlp.down_proj))
-    return groups
-
-
-@torch.no_grad()
-def fold_scale(prev: torch.nn.Module, linears: list[torch.nn.Linear], s: torch.Tensor) -> None:
-    """Divide prev's output by s and multiply the consumers' input columns by s: outputs unchanged."""
-    if isinstance(prev, torch.nn.Linear):
-        prev.weight.div_(s.unsqueeze(1).to(prev.weight.dtype))
-        if prev.bias is not None:
-            prev.bias.div_(s.to(prev.bias.dtype))
-    else:
-        prev.weight.div_(s.to(prev.weight.dtype))
-    for linear in linears:
-        linear.weight.mul_(s.unsqueeze(0).to(linear.weight.dtype))
 
 
 @dataclass
@@ -81,6 +47,7 @@ class AWQ:
         return f"AWQ {self.scheme.name}"
 
     def scales(self, x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+        """s = mean|x|^alpha per input channel, normalised so that sqrt(max s * min s) = 1."""
         s = x_mean.pow(alpha).clamp(min=1e-4)
         return s / (s.max() * s.min()).sqrt()
 
@@ -127,12 +94,14 @@ class AWQ:
             best_err, best = torch.where(better, err, best_err), torch.where(better, bound, best)
         return best
 
-    def quantize_layer(self, prefix: str, layer: torch.nn.Module, inputs: LayerInputs) -> dict[str, dict[str, torch.Tensor]]:
+    def quantize_layer(self, prefix: str, layer: torch.nn.Module, inputs: LayerInputs,
+                       model_type: str) -> dict[str, dict[str, torch.Tensor]]:
+        """Search and fold the scales of one decoder layer (of a `model_type` model), clip, then round its Linears."""
         modules = dict(layer.named_modules())
         names = list(linear_layers(layer, self.skip))
         features = collect_linear_inputs(layer, inputs, names)
         n_seq = max(1, self.search_tokens // inputs.hidden[0].shape[1])
-        for group in llama_scale_groups(layer):
+        for group in scale_groups(layer, model_type):
             linears = [modules[n] for n in group.linears]
             x = torch.cat(features[group.linears[0]])[:n_seq].split(inputs.hidden[0].shape[0])
             s, alpha, _ = self.search_scale(group, linears, list(x), inputs.kwargs)
@@ -153,4 +122,10 @@ class AWQ:
     def quantize_model(self, model, batches: torch.Tensor, batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]]:
         """AWQ every decoder layer in order, in place; returns codes, scales and zeros per Linear."""
         self.chosen.clear()
-        return quantize_layer_by_layer(model, batches, self.quantize_layer, batch_size, desc=self.name)
+        model_type = model.config.model_type
+        scale_groups(decoder_layers(model)[0], model_type)  # an unsupported architecture fails before any work
+
+        def quantize_layer(prefix: str, layer: torch.nn.Module, inputs: LayerInputs):
+            return self.quantize_layer(prefix, layer, inputs, model_type)
+
+        return quantize_layer_by_layer(model, batches, quantize_layer, batch_size, desc=self.name)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import re
 import time
@@ -24,8 +23,10 @@ from tqdm.auto import tqdm
 
 from .data import Corpus, tokenize
 from .errors import LabsError
+from .files import write_atomic
 
-__all__ = ["TASK_DIR", "PPL_TASK", "MC_TASK", "next_word_items", "write_task_data", "LlamaCppLM", "run_tasks", "evaluate_built", "HUB_TASKS", "run_hub_tasks"]
+__all__ = ["TASK_DIR", "PPL_TASK", "MC_TASK", "next_word_items", "write_task_data", "LlamaCppLM", "run_tasks",
+           "evaluate_built", "HUB_TASKS", "run_hub_tasks"]
 
 TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
 PPL_TASK, MC_TASK = "labs_ppl", "labs_mc"
@@ -74,9 +75,7 @@ def write_task_data(tokenizer, corpus: Corpus, eval_ids: torch.Tensor, window: i
     docs = [{"text": tokenizer.decode(eval_ids[i * window : (i + 1) * window])} for i in range(n)]
     items = next_word_items(tokenizer, corpus.evaluation, n_items)
     for name, rows in [(PPL_TASK, docs), (MC_TASK, items)]:
-        tmp = folder / f"{name}.jsonl.partial"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, folder / f"{name}.jsonl")
+        write_atomic(folder / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     return folder
 
 
@@ -156,8 +155,9 @@ def run_tasks(lm, data_dir: Path, batch_size: int = 32) -> dict:
     # lm-eval ends every call by collecting the environment (pip list, torch's collect_env: about 3 s on 2 cores);
     # the labs record their own library versions, so that step is skipped
     with mock.patch("lm_eval.evaluator.add_env_info", lambda results: None):
-        results = lm_eval.simple_evaluate(model=lm, tasks=[PPL_TASK, MC_TASK], task_manager=manager, batch_size=batch_size,
-                                          bootstrap_iters=1000, log_samples=True, verbosity="ERROR")
+        results = lm_eval.simple_evaluate(model=lm, tasks=[PPL_TASK, MC_TASK], task_manager=manager,
+                                          batch_size=batch_size, bootstrap_iters=1000, log_samples=True,
+                                          verbosity="ERROR")
     ppl, mc, samples = results["results"][PPL_TASK], results["results"][MC_TASK], results["samples"]
     loglikelihood = sum(s["resps"][0][0] for s in samples[PPL_TASK])
     n_tokens = sum(len(lm.tok_encode(s["doc"]["text"])) for s in samples[PPL_TASK])

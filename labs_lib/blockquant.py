@@ -219,7 +219,8 @@ class IntGroup(Scheme):
 
     def quantize_with(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The stored tensors of w for given group parameters, (..., n_groups) each (GPTQ picks its own)."""
-        codes = self.codes(self.groups(w), scale.unsqueeze(-1), None if zero is None else zero.unsqueeze(-1)).flatten(-2)
+        zero_column = None if zero is None else zero.unsqueeze(-1)
+        codes = self.codes(self.groups(w), scale.unsqueeze(-1), zero_column).flatten(-2)
         if zero is None:
             return {"codes": codes.to(torch.int8), "scale": scale.half()}
         return {"codes": codes.to(torch.uint8), "scale": scale.half(), "zero": zero.to(torch.uint8)}

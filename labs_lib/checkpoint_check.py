@@ -146,10 +146,12 @@ def check_checkpoint(folder: str | Path) -> CheckpointReport:
         report.findings.append(f"group_size is {report.group_size}; NVFP4 uses one E4M3 scale per 16 values.")
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") != "modelopt" or qc.get("quant_algo") != report.quant_algo:
-        report.findings.append(f"config.json's quantization_config (quant_method {qc.get('quant_method')!r}, quant_algo "
-                               f"{qc.get('quant_algo')!r}) does not match hf_quant_config.json ({report.quant_algo}).")
+        report.findings.append(f"config.json's quantization_config (quant_method {qc.get('quant_method')!r}, "
+                               f"quant_algo {qc.get('quant_algo')!r}) does not match hf_quant_config.json "
+                               f"({report.quant_algo}).")
     if not any((folder / f).exists() for f in TOKENIZER_FILES):
-        report.warnings.append("no tokenizer in the folder: pass --tokenizer to trtllm-serve or save the tokenizer here.")
+        report.warnings.append("no tokenizer in the folder: pass --tokenizer to trtllm-serve or save the tokenizer "
+                               "here.")
 
     before = len(report.findings)
     tensors = _tensor_index(folder, report)
@@ -176,9 +178,11 @@ def check_checkpoint(folder: str | Path) -> CheckpointReport:
             want_shape = shape_of(out_f, in_f, group)
             if got_dtype != dtype:
                 report.findings.append(f"{key} is {got_dtype}, expected {dtype}.")
-            if got_shape != want_shape and not (want_shape == () and got_shape in ((1,), (out_f, 1), (out_f,)) and suffix == "weight_scale"):
+            per_tensor_as_vector = want_shape == () and got_shape in ((1,), (out_f, 1), (out_f,))
+            if got_shape != want_shape and not (per_tensor_as_vector and suffix == "weight_scale"):
+                grouping = f", group {group}" if report.quant_algo == "NVFP4" else ""
                 report.findings.append(f"{key} has shape {list(got_shape)}, expected {list(want_shape)} "
-                                       f"(layer {out_f}x{in_f}{f', group {group}' if report.quant_algo == 'NVFP4' else ''}).")
+                                       f"(layer {out_f}x{in_f}{grouping}).")
             if suffix != "weight" and got_dtype == dtype:
                 scales.append((key, path))
     _check_values(scales, report)
@@ -206,7 +210,8 @@ def checkpoint_inventory(folder: str | Path) -> list[dict]:
     groups: dict[tuple[str, str], list] = {}
     for name, (dtype, shape, _) in _tensor_index(Path(folder), CheckpointReport(Path(folder))).items():
         module, _, leaf = name.rpartition(".")
-        role = leaf if module.endswith("_proj") else f"{module.rpartition('.')[2]}.{leaf}"  # e.g. weight_scale, norm.weight
+        # e.g. weight_scale, norm.weight
+        role = leaf if module.endswith("_proj") else f"{module.rpartition('.')[2]}.{leaf}"
         numel = math.prod(shape)
         entry = groups.setdefault((role, dtype), [0, 0, shape])
         entry[0] += 1

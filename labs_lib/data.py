@@ -17,7 +17,8 @@ from .network import hub_reachable
 EMBEDDED_CORPUS = "embedded:python-reference"
 WIKITEXT = "wikitext-2-raw-v1"
 
-__all__ = ["Corpus", "EMBEDDED_CORPUS", "WIKITEXT", "default_corpus", "load_corpus", "calibration_batches", "evaluation_tokens", "tokenize"]
+__all__ = ["Corpus", "EMBEDDED_CORPUS", "WIKITEXT", "default_corpus", "load_corpus", "calibration_batches",
+           "evaluation_tokens", "tokenize"]
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,15 @@ def _python_reference() -> Corpus:
     # others, so evaluation keeps only paragraphs that calibration never saw
     calibration = "\n\n".join(topics[n].strip() for i, n in enumerate(names) if i % 3 != 2)
     seen = {p.strip() for p in calibration.split("\n\n")}
-    evaluation = [p.strip() for i, n in enumerate(names) if i % 3 == 2 for p in topics[n].split("\n\n") if p.strip() not in seen]
+    evaluation = [p.strip() for i, n in enumerate(names) if i % 3 == 2
+                  for p in topics[n].split("\n\n") if p.strip() not in seen]
     return Corpus(EMBEDDED_CORPUS, calibration, "\n\n".join(evaluation))
 
 
 def _wikitext() -> Corpus:
     if not hub_reachable():
-        raise LabsError(f"{WIKITEXT} needs the Hugging Face Hub, which cannot be reached: unset LABS_CORPUS to use the embedded corpus.")
+        raise LabsError(f"{WIKITEXT} needs the Hugging Face Hub, which cannot be reached: unset LABS_CORPUS to use "
+                        "the embedded corpus.")
     from datasets import load_dataset
 
     ds = load_dataset("wikitext", WIKITEXT)

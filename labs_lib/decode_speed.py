@@ -25,8 +25,8 @@ GPU_DECODE_FILE = "08_engine_gpu.json"
 class DecodeModel:
     """A Llama decoder as plain tensors: fused QKV and gate/up projections, RoPE, GQA over a static KV cache."""
 
-    def __init__(self, shape: ModelShape, max_len: int = 512, device: str = "cuda", dtype=torch.bfloat16, seed: int = 0,
-                 rope_theta: float = 500000.0):
+    def __init__(self, shape: ModelShape, max_len: int = 512, device: str = "cuda", dtype=torch.bfloat16,
+                 seed: int = 0, rope_theta: float = 500000.0):
         torch.manual_seed(seed)
         s, d = shape, shape.head_dim
         self.shape, self.max_len, self.device, self.dtype = shape, max_len, device, dtype
@@ -60,7 +60,8 @@ class DecodeModel:
 
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one decode step reads: every matrix once, and one row of the embedding."""
-        tensors = [t[0] if isinstance(t, tuple) else t for layer in self.layers for t in layer.values()] + [self.lm_head]
+        tensors = [t[0] if isinstance(t, tuple) else t for layer in self.layers for t in layer.values()]
+        tensors.append(self.lm_head)
         return sum(t.numel() * t.element_size() for t in tensors) + self.shape.hidden * self.embedding.element_size()
 
     def kv_bytes_per_token(self, context: int) -> int:
@@ -101,8 +102,9 @@ class DecodeModel:
     def compile(self, enabled: bool = True) -> None:
         """torch.compile the two pure parts of a layer (the small ops around the matmuls fuse into a few kernels);
         the KV-cache writes stay outside, so the compiled code never copies a whole cache it mutates."""
-        self.attention_inputs = torch.compile(self._attention_inputs, fullgraph=True) if enabled else self._attention_inputs
-        self.block_output = torch.compile(self._block_output, fullgraph=True) if enabled else self._block_output
+        compiled = (lambda f: torch.compile(f, fullgraph=True)) if enabled else (lambda f: f)
+        self.attention_inputs = compiled(self._attention_inputs)
+        self.block_output = compiled(self._block_output)
 
     def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One decode step for token (1,) at position pos (0-d): writes K/V at pos, returns the greedy next token."""
@@ -153,9 +155,9 @@ def time_decode(model: DecodeModel, mode: str = "graph", tokens: int = 128, cont
         torch.cuda.synchronize()
     ms = 1000 * (time.perf_counter() - start) / tokens
     bytes_per_token = model.weight_bytes_per_token() + model.kv_bytes_per_token(context)
-    return {"mode": mode, "weights": "FP8 E4M3 (per-tensor)" if model.fp8 else str(model.dtype).removeprefix("torch."), "ms/token": round(ms, 3),
-            "tokens/s": round(1000 / ms, 1), "GB read/token": round(bytes_per_token / 1e9, 3),
-            "achieved GB/s": round(bytes_per_token / ms / 1e6, 0)}
+    weights = "FP8 E4M3 (per-tensor)" if model.fp8 else str(model.dtype).removeprefix("torch.")
+    return {"mode": mode, "weights": weights, "ms/token": round(ms, 3), "tokens/s": round(1000 / ms, 1),
+            "GB read/token": round(bytes_per_token / 1e9, 3), "achieved GB/s": round(bytes_per_token / ms / 1e6, 0)}
 
 
 def measure_copy_bandwidth(n_bytes: int = 2 << 30, device: str = "cuda", repeats: int = 10) -> float:
@@ -174,7 +176,8 @@ def measure_copy_bandwidth(n_bytes: int = 2 << 30, device: str = "cuda", repeats
 
 
 def main() -> None:
-    """On a CUDA GPU: BF16 eager / graph / compiled, then FP8 weights graph / compiled; writes results/08_engine_gpu.json."""
+    """On a CUDA GPU: BF16 eager / graph / compiled, then FP8 weights graph / compiled; writes
+    results/08_engine_gpu.json."""
     import datetime as dt
     import json
 

@@ -10,9 +10,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .blockquant import Scheme
-from .fake_quant import linear_layers
+from .layerwise import SKIP, linear_layers
+from .quantizer import Quantizer
 
-__all__ = ["perplexity", "quantization_error", "storage_report", "markdown_table", "measure_method"]
+__all__ = ["perplexity", "quantization_error", "storage_report", "measure_method"]
 
 
 def quantization_error(reference: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
@@ -38,55 +39,42 @@ def perplexity(model, tokens: torch.Tensor, window: int = 1024, batch_size: int 
     for i in tqdm(range(0, n, batch_size), desc=desc, leave=False):
         batch = windows[i : i + batch_size].to(device)
         logits = model(batch).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        targets = batch[:, 1:].reshape(-1)
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum")
         total_nll += nll.item()
         count += batch[:, 1:].numel()
     return math.exp(total_nll / count)
 
 
-def storage_report(model, scheme: Scheme | None = None, skip: tuple[str, ...] = ("lm_head",), other_bits: int = 16) -> dict:
-    """Bytes a checkpoint needs: quantized Linear weights at the scheme's bits (scales included),
-    every other tensor at `other_bits` (BF16 by default); tied tensors count once."""
-    quantized, other, seen = 0.0, 0.0, set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and scheme is not None and not any(s in name for s in skip):
+def storage_report(model, scheme: Scheme | None = None, skip: tuple[str, ...] = SKIP, other_bits: int = 16) -> dict:
+    """Bytes a checkpoint needs: quantized Linear weights at the scheme's bits (scales included), every other
+    tensor at `other_bits` (BF16 by default); tied tensors count once. "bits/weight" is the quantized Linears'
+    average (scales included), or `other_bits` without a scheme."""
+    quantized, n_quantized, other, seen = 0.0, 0, 0.0, set()
+    if scheme is not None:
+        for module in linear_layers(model, skip).values():
             seen.add(module.weight.data_ptr())
             quantized += scheme.storage_bytes(tuple(module.weight.shape))
+            n_quantized += module.weight.numel()
     for p in model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             other += p.numel() * other_bits / 8
-    return {"quantized_bytes": quantized, "other_bytes": other, "total_bytes": quantized + other}
+    bits = quantized * 8 / n_quantized if n_quantized else float(other_bits)
+    return {"quantized_bytes": quantized, "other_bytes": other, "total_bytes": quantized + other, "bits/weight": bits}
 
 
-def _cell(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
-    return str(v)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """A Markdown table from a list of dicts with the same keys (display with IPython's Markdown)."""
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_cell(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def measure_method(model, method, batches: torch.Tensor, tokens: torch.Tensor, window: int = 1024) -> dict:
-    """Quantize a copy of `model` with `method` (RTN, GPTQ, AWQ: anything with .scheme and
-    .quantize_model) and return one table row: bits, true size, perplexity, quantization time."""
+def measure_method(model, method: Quantizer, batches: torch.Tensor, tokens: torch.Tensor, window: int = 1024) -> dict:
+    """Quantize a copy of `model` with `method` (RTN, GPTQ, AWQ: any labs_lib.quantizer.Quantizer) and return
+    one table row: bits, true size, perplexity, quantization time."""
     quantized = copy.deepcopy(model)
     start = time.perf_counter()
     method.quantize_model(quantized, batches)
     seconds = time.perf_counter() - start
     size = storage_report(quantized, method.scheme, skip=method.skip)
-    n_quantized = sum(layer.weight.numel() for layer in linear_layers(quantized, method.skip).values())
     return {
         "variant": method.name,
-        "bits/weight": round(size["quantized_bytes"] * 8 / n_quantized, 3),
+        "bits/weight": round(size["bits/weight"], 3),
         "size MB": round(size["total_bytes"] / 1e6, 1),
         "perplexity": perplexity(quantized, tokens, window=window, desc=method.name),
         "quantize s": round(seconds, 1),

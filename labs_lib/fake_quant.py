@@ -13,16 +13,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .blockquant import NVFP4, PerTensor, Scheme
+from .layerwise import SKIP, forward_pre_hooks, linear_layers
 
-__all__ = ["linear_layers", "calibrate_input_amax", "fake_quantized_copy"]
-
-SKIP = ("lm_head",)  # the output head stays in high precision, as Model Optimizer's defaults keep it
-
-
-def linear_layers(model, skip: tuple[str, ...] = SKIP) -> dict[str, torch.nn.Linear]:
-    return {
-        name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip)
-    }
+__all__ = ["calibrate_input_amax", "fake_quantized_copy"]
 
 
 @torch.inference_mode()
@@ -37,13 +30,9 @@ def calibrate_input_amax(model, batches: torch.Tensor, skip: tuple[str, ...] = S
 
         return hook
 
-    handles = [m.register_forward_pre_hook(record(n)) for n, m in linear_layers(model, skip).items()]
-    try:
+    with forward_pre_hooks((m, record(n)) for n, m in linear_layers(model, skip).items()):
         for batch in tqdm(batches, desc="calibrating", leave=False):
             model(batch.unsqueeze(0).to(next(model.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
     return amax
 
 

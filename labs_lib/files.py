@@ -9,19 +9,30 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["write_atomic", "atomic_folder"]
+__all__ = ["write_atomic", "atomic_path", "atomic_folder"]
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary sibling file renamed into place."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write one file to; on success it replaces `path`, on error it is removed.
+
+    The temporary name keeps `path`'s suffix (some writers choose the format by it) and starts with a dot."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        yield tmp
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import torch
 
 from .errors import LabsError
 from .formats import FORMATS, cast
+from .layerwise import SKIP
 
 __all__ = ["FORWARD_FORMAT", "BACKWARD_FORMAT", "ScalingRecipe", "TensorScaler", "quantize", "scaled_matmul",
            "FP8Linear", "convert_to_fp8", "fp8_layers", "underflow_fraction", "gemm_accumulation_error"]
@@ -146,7 +147,7 @@ class FP8Linear(torch.nn.Linear):
 
 
 def convert_to_fp8(model: torch.nn.Module, recipe: ScalingRecipe = ScalingRecipe(),
-                   skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+                   skip: tuple[str, ...] = SKIP) -> list[str]:
     """Replace every nn.Linear of `model` (in place) by an FP8Linear, except names containing `skip`.
 
     The output head stays in high precision, as in Transformer Engine recipes; embeddings are not

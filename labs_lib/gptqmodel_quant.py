@@ -9,7 +9,6 @@ data), written atomically, and reload in plain transformers (through optimum).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -24,7 +23,8 @@ import torch
 from .blockquant import IntGroup
 from .errors import LabsError
 from .files import atomic_folder
-from .models import _resolve, cache_dir
+from .hardware import default_device
+from .models import _resolve, cache_path, calibration_key
 
 __all__ = ["require_gptqmodel", "LibraryRun", "gptqmodel_quantize", "load_quantized_checkpoint"]
 
@@ -53,24 +53,21 @@ class LibraryRun:
     cached: bool  # True when this call found the checkpoint already built
 
 
-def _key(model_name: str, method: str, scheme: IntGroup, batches: torch.Tensor, damp: float) -> str:
-    digest = hashlib.sha1(batches.numpy().tobytes()).hexdigest()[:10]
-    slug = Path(model_name).name.replace(":", "-")
-    return f"{slug}-{method}-{scheme.name}-damp{damp}-calib{batches.shape[0]}x{batches.shape[1]}-{digest}"
-
-
-def gptqmodel_quantize(model_name: str, method: str, scheme: IntGroup, batches: torch.Tensor, damp: float = 0.01) -> LibraryRun:
+def gptqmodel_quantize(model_name: str, method: str, scheme: IntGroup, batches: torch.Tensor,
+                       damp: float = 0.01) -> LibraryRun:
     """Quantize `model_name` with GPTQModel (method "gptq" or "awq") on `batches`; cached on disk."""
     if method not in METHODS:
         raise LabsError(f"Unknown method '{method}': use one of {', '.join(METHODS)}.")
-    folder = cache_dir() / "quantized" / _key(model_name, method, scheme, batches, damp)
+    folder = cache_path("quantized", model_name, method, scheme.name, f"damp{damp}", calibration_key(batches))
     if (folder / "labs_run.json").is_file():
         return LibraryRun(folder, json.loads((folder / "labs_run.json").read_text())["seconds"], True)
+    source = _resolve(model_name)[1]  # a broken local folder fails here, before anything is written
+    source = str(source.resolve() if isinstance(source, Path) else source)
     require_gptqmodel()
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
     from gptqmodel.quantization.config import METHOD
 
-    cuda = torch.cuda.is_available()
+    cuda = default_device() == "cuda"
     common = dict(bits=scheme.bits, group_size=scheme.group_size or -1, sym=scheme.symmetric, desc_act=False)
     if method == "gptq":
         config = QuantizeConfig(**common, act_group_aware=False, damp_percent=damp, true_sequential=False)
@@ -78,14 +75,13 @@ def gptqmodel_quantize(model_name: str, method: str, scheme: IntGroup, batches: 
     else:
         config = QuantizeConfig(**common, quant_method=METHOD.AWQ)
         backend = BACKEND.AUTO if cuda else BACKEND.AWQ_TORCH  # its default CPU kernel cannot run AWQ
-    source = _resolve(model_name)[1]
-    source = str(source.resolve() if isinstance(source, Path) else source)
     dtype = torch.bfloat16 if cuda or method == "awq" else torch.float32  # its AWQ packer refuses float32
     print(f"GPTQModel: quantizing {model_name} ({method.upper()} {scheme.name}) on {len(batches)} sequences...")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):  # it writes ./logs/ wherever it runs
         model = GPTQModel.load(source, config, device="cuda" if cuda else "cpu", dtype=dtype)
-        model.quantize([{"input_ids": b.tolist(), "attention_mask": [1] * len(b)} for b in batches], batch_size=1, backend=backend)
+        examples = [{"input_ids": b.tolist(), "attention_mask": [1] * len(b)} for b in batches]
+        model.quantize(examples, batch_size=1, backend=backend)
     seconds = time.perf_counter() - start
     with atomic_folder(folder) as tmp:
         model.save(str(tmp))
@@ -94,9 +90,10 @@ def gptqmodel_quantize(model_name: str, method: str, scheme: IntGroup, batches: 
     return LibraryRun(folder, seconds, False)
 
 
-def load_quantized_checkpoint(folder: Path, device: str = "cpu"):
-    """A GPTQ/AWQ checkpoint loaded by transformers itself (the way a user would deploy it)."""
+def load_quantized_checkpoint(folder: Path, device: str | None = None):
+    """A GPTQ/AWQ checkpoint loaded by transformers itself (the way a user would deploy it), on `device`
+    (None: the labs' policy, the GPU when there is one, where GPTQModel picks its CUDA kernels)."""
     require_gptqmodel()
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, device_map=device).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, device_map=device or default_device()).eval()

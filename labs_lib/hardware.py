@@ -40,7 +40,8 @@ def default_dtype(device: str) -> torch.dtype:
 def device_info() -> dict:
     """Name, compute capability and native low-precision support of the device the labs use."""
     if default_device() == "cpu":
-        return {"device": "cpu", "name": _cpu_name(), "compute_capability": None, "native_fp8": False, "native_fp4": False}
+        return {"device": "cpu", "name": _cpu_name(), "compute_capability": None, "native_fp8": False,
+                "native_fp4": False}
     major, minor = torch.cuda.get_device_capability()
     return {
         "device": "cuda",
@@ -65,8 +66,10 @@ def _cpu_name() -> str:
 def fp4_status() -> str:
     info = device_info()
     if info["native_fp4"]:
-        return f"Native FP4: yes ({info['name']}, compute capability {info['compute_capability']}, Blackwell tensor cores)."
-    where = "this CPU" if info["device"] == "cpu" else f"{info['name']} (compute capability {info['compute_capability']})"
+        return (f"Native FP4: yes ({info['name']}, compute capability {info['compute_capability']}, "
+                "Blackwell tensor cores).")
+    gpu = f"{info['name']} (compute capability {info['compute_capability']})"
+    where = "this CPU" if info["device"] == "cpu" else gpu
     return (f"Native FP4: no on {where}; FP4 tensor cores need Blackwell (compute capability 10.x or 12.x). "
             "FP4 is emulated here: values are rounded to the exact FP4 grid and multiplied in float32, "
             "so accuracy and sizes are real but speed is not.")

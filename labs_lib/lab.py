@@ -42,6 +42,7 @@ class LabConfig:
     dtype: torch.dtype  # what models load in: bfloat16 on a GPU, float32 on a CPU
     sizes: dict[str, int]
     figures: list[str] = field(default_factory=list)
+    memory_plan: dict = field(default_factory=dict)  # labs_lib.sizing.lab_memory_plan for this model, in bytes
 
     @property
     def placement(self) -> dict:
@@ -78,28 +79,47 @@ def setup_lab(lab: str, title: str, profile: str | None = None, model: str | Non
         lab=lab, title=title, profile=profile, model=model or default_model(), corpus=corpus or default_corpus(),
         device=device, dtype=default_dtype(device), sizes=resolved,
     )
-    plan = check_lab_fits(cfg)
+    plan = cfg.memory_plan = check_lab_fits(cfg)
     hub = "reachable" if hub_reachable() else "not reachable, so the embedded copies are used"
     info = device_info()
     print(f"Lab {lab} · {title}")
     print(f"profile  {profile}: " + ", ".join(f"{k}={v}" for k, v in resolved.items()))
     print(f"model    {_describe_model(cfg.model)}")
-    corpus_note = " (Python reference manual from the standard library, split by topic)" if cfg.corpus == EMBEDDED_CORPUS else ""
+    embedded = cfg.corpus == EMBEDDED_CORPUS
+    corpus_note = " (Python reference manual from the standard library, split by topic)" if embedded else ""
     print(f"corpus   {cfg.corpus}{corpus_note}")
     print(f"hub      Hugging Face Hub {hub}")
     print(f"device   {info['device']}: {info['name']} · models in {str(cfg.dtype).removeprefix('torch.')} · "
           f"torch {torch.__version__} · Python {platform.python_version()}")
-    print(f"memory   plan {plan['total_bytes'] / 1e9:.2f} GB ({plan['copies']} model cop{'y' if plan['copies'] == 1 else 'ies'} "
+    copies = f"{plan['copies']} model cop{'y' if plan['copies'] == 1 else 'ies'}"
+    print(f"memory   plan {plan['total_bytes'] / 1e9:.2f} GB ({copies} "
           f"of {plan['weights_bytes'] / 1e9:.2f} GB + activations); {plan['available_bytes'] / 1e9:.0f} GB free")
     print(f"fp4      {fp4_status()}")
+    print(f"run time {recorded_run_times(lab)}")
     return cfg
+
+
+def recorded_run_times(lab: str) -> str:
+    """This lab's wall time in the committed main-job runs (results/run_log.json, results/gpu/run_log.json)."""
+    import json
+    from pathlib import Path
+
+    results, times = Path(__file__).resolve().parents[1] / "results", []
+    for sub in ("", "gpu"):
+        path = results / sub / "run_log.json"
+        log = json.loads(path.read_text()) if path.is_file() else {}
+        entry = log.get("labs", {}).get(lab)
+        if entry and entry["status"] == "ok":
+            times.append(f"{entry['seconds'] / 60:.1f} min on {log['machine']['name']} ({log['profile']} profile)")
+    return "; ".join(times) or "not recorded yet (make run records it)"
 
 
 def check_lab_fits(cfg: LabConfig) -> dict:
     """The lab's memory plan for its model (from the config alone); LabsError before anything loads if it won't fit."""
     shape = ModelShape.from_config(model_config(cfg.model))
     plan = lab_memory_plan(shape, cfg.lab, bytes_per_param=torch.finfo(cfg.dtype).bits // 8,
-                           calib_samples=cfg.sizes["calib_samples"], seq_len=cfg.sizes["seq_len"], window=cfg.sizes["window"])
+                           calib_samples=cfg.sizes["calib_samples"], seq_len=cfg.sizes["seq_len"],
+                           window=cfg.sizes["window"])
     plan["available_bytes"] = available_memory_bytes(cfg.device)
     if plan["total_bytes"] > plan["available_bytes"]:
         raise LabsError(

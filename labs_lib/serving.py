@@ -128,8 +128,9 @@ def llama_cpp_server(gguf: Path, port: int | None = None, n_ctx: int = 2048, n_t
     port = port or free_port()
     base_url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
+    threads = n_threads or max(1, (os.cpu_count() or 2) - 1)
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-               "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads or max(1, (os.cpu_count() or 2) - 1)),
+               "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
                "--interrupt_requests", "False"]  # queue concurrent requests (its default cancels the running one)
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -142,7 +143,8 @@ def llama_cpp_server(gguf: Path, port: int | None = None, n_ctx: int = 2048, n_t
                 if httpx.get(f"{base_url}/v1/models", timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise LabsError(f"llama.cpp's server did not answer within {startup_timeout_s:.0f} s; its log: {log.name}")
+                raise LabsError(f"llama.cpp's server did not answer within {startup_timeout_s:.0f} s; "
+                                f"its log: {log.name}")
             time.sleep(0.5)
         yield base_url
     finally:

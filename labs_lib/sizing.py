@@ -14,7 +14,8 @@ from .errors import LabsError
 
 __all__ = ["ModelShape", "SHAPES", "FORMATS", "checkpoint_bytes", "LAB_COPIES", "lab_memory_plan", "SPARK_MEMORY_GB"]
 
-SPARK_MEMORY_GB = 128  # DGX Spark: 128 GB LPDDR5x shared by CPU and GPU (nvidia.com/en-us/products/workstations/dgx-spark/)
+# DGX Spark: 128 GB LPDDR5x shared by CPU and GPU (nvidia.com/en-us/products/workstations/dgx-spark/)
+SPARK_MEMORY_GB = 128
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ class ModelShape:
                        qk_norm=get("model_type") == "qwen3")
         except TypeError:
             raise LabsError(f"config of model type '{get('model_type')}' lacks a Llama-style field "
-                            "(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, vocab_size).") from None
+                            "(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, "
+                            "vocab_size).") from None
 
 
 # From each model's config.json on huggingface.co (the repository named in the comment).
@@ -121,3 +123,28 @@ def lab_memory_plan(shape: ModelShape, lab: str, bytes_per_param: int = 2, calib
     total = copies * weights + activations + logits
     return {"weights_bytes": weights, "copies": copies, "activation_bytes": activations,
             "logit_bytes": logits, "total_bytes": total}
+
+
+def spark_plan_rows(memory_gb: float = SPARK_MEMORY_GB) -> list[dict]:
+    """For each model in SHAPES: parameters, checkpoint sizes, and what the labs need (BF16, full profile)."""
+    rows = []
+    for name, shape in SHAPES.items():
+        one, two = (lab_memory_plan(shape, lab)["total_bytes"] / 1e9 for lab in ("01", "03"))
+        rows.append({"model": name, "parameters (B)": round(shape.params / 1e9, 2),
+                     "BF16 checkpoint GB": round(checkpoint_bytes(shape, "bf16")["total_bytes"] / 1e9, 1),
+                     "NVFP4 checkpoint GB": round(checkpoint_bytes(shape, "nvfp4")["total_bytes"] / 1e9, 1),
+                     "lab 01 needs GB (1 copy)": round(one), "labs 02-08 need GB (2 copies)": round(two),
+                     f"labs fit {memory_gb:g} GB": "all" if two <= memory_gb
+                     else ("lab 01" if one <= memory_gb else "none")})
+    return rows
+
+
+def markdown_plan(memory_gb: float = SPARK_MEMORY_GB) -> str:
+    """The memory table STUDY_GUIDE.md shows: `python -m labs_lib.sizing`."""
+    from .report import markdown_table
+
+    return markdown_table(spark_plan_rows(memory_gb))
+
+
+if __name__ == "__main__":
+    print(markdown_plan())

@@ -18,8 +18,8 @@ from .errors import LabsError
 from .fp8 import convert_to_fp8, gemm_accumulation_error
 from .hardware import device_info
 
-__all__ = ["tiny_llama", "training_batches", "train", "lm_loss", "step_seconds", "mlp_stack", "fp8_step_comparison", "GPU_STEP_FILE",
-           "recorded_gpu_steps"]
+__all__ = ["tiny_llama", "training_batches", "train", "lm_loss", "step_seconds", "mlp_stack", "fp8_step_comparison",
+           "GPU_STEP_FILE", "recorded_gpu_steps"]
 
 GPU_STEP_FILE = "06_fp8_gpu.json"  # written by `python -m labs_lib.training` on an FP8 GPU
 
@@ -69,8 +69,10 @@ def train(model, batches: torch.Tensor, lr: float = 3e-3, autocast_dtype: torch.
     device = next(model.parameters()).device.type
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     steps = len(batches)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()))
+    def lr_factor(s: int) -> float:  # linear warm-up, then cosine decay to zero
+        return min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item())
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     losses = []
     model.train()
     for step in (bar := tqdm(range(steps), desc=desc, leave=False)):
@@ -117,11 +119,13 @@ def step_seconds(model, batch: torch.Tensor, loss_fn=lm_loss, steps: int = 20, w
     return sorted(times)[len(times) // 2]
 
 
-def mlp_stack(hidden: int, blocks: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> torch.nn.Sequential:
+def mlp_stack(hidden: int, blocks: int, device: str = "cuda",
+              dtype: torch.dtype = torch.bfloat16) -> torch.nn.Sequential:
     """`blocks` transformer-style MLPs (hidden -> 4 hidden -> hidden, GELU): the matmuls FP8 speeds up."""
     layers: list[torch.nn.Module] = []
     for _ in range(blocks):
-        layers += [torch.nn.Linear(hidden, 4 * hidden, bias=False), torch.nn.GELU(), torch.nn.Linear(4 * hidden, hidden, bias=False)]
+        layers += [torch.nn.Linear(hidden, 4 * hidden, bias=False), torch.nn.GELU(),
+                   torch.nn.Linear(4 * hidden, hidden, bias=False)]
     return torch.nn.Sequential(*layers).to(device, dtype)
 
 
@@ -137,11 +141,13 @@ def fp8_step_comparison(hidden: int = 4096, blocks: int = 4, tokens: int = 8192,
     """
     info = device_info()
     if not info["native_fp8"]:
-        raise LabsError(f"FP8 step times need a GPU with FP8 tensor cores (compute capability 8.9+); this is {info['name']}.")
+        raise LabsError("FP8 step times need a GPU with FP8 tensor cores (compute capability 8.9+); "
+                        f"this is {info['name']}.")
     torch.manual_seed(0)
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     base = mlp_stack(hidden, blocks)
-    runs = {"BF16 (eager)": (base, _square_loss), "BF16 (torch.compile)": (torch.compile(copy.deepcopy(base)), _square_loss)}
+    runs = {"BF16 (eager)": (base, _square_loss),
+            "BF16 (torch.compile)": (torch.compile(copy.deepcopy(base)), _square_loss)}
     ours = copy.deepcopy(base)
     convert_to_fp8(ours, skip=())
     runs["FP8 labs_lib FP8Linear (eager, torch._scaled_mm)"] = (ours, _square_loss)

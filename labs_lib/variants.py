@@ -7,7 +7,6 @@ is cached on disk by (model, method, settings, calibration), so a second run, or
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,27 +18,27 @@ import torch
 from .blockquant import MXFP4, NVFP4, IntGroup, PerTensor, Scheme
 from .errors import LabsError
 from .evaluate import storage_report
-from .fake_quant import calibrate_input_amax, fake_quantized_copy, linear_layers
+from .fake_quant import calibrate_input_amax, fake_quantized_copy
 from .files import atomic_folder
+from .layerwise import SKIP, linear_layers
+from .models import cache_path, calibration_key
+from .quantizer import Quantizer, settings_key
 
-__all__ = ["BuildContext", "Built", "Cast", "FakeQuant", "Layerwise", "BitsAndBytes", "GGUF", "default_variants", "group_size_for"]
+__all__ = ["BuildContext", "Built", "Cast", "FakeQuant", "Layerwise", "BitsAndBytes", "GGUF", "default_variants",
+           "group_size_for"]
 
 
 @dataclass
 class BuildContext:
-    """What every variant is built from: the base model (float32), its name and tokenizer, the calibration batches."""
+    """What every variant is built from: the base model (float32), its name and tokenizer, the calibration batches,
+    and the cache root (None: labs_lib.models.cache_dir())."""
 
     model_name: str
     base: torch.nn.Module
     tokenizer: Any
     batches: torch.Tensor
-    cache: Path
+    cache: Path | None = None
     _input_amax: dict | None = field(default=None, repr=False)
-
-    @property
-    def calibration_key(self) -> str:
-        """A short fingerprint of the calibration batches (what they are, not where they came from)."""
-        return hashlib.sha1(self.batches.numpy().tobytes()).hexdigest()[:10]
 
     def input_amax(self) -> dict:
         """Static per-tensor activation ranges of every Linear, calibrated once and shared by W8A8 and W4A4."""
@@ -59,11 +58,10 @@ class Built:
     cached: bool = False
 
 
-def _size(model, scheme: Scheme | None) -> tuple[float, float]:
-    report = storage_report(model, scheme)
-    n = sum(layer.weight.numel() for layer in linear_layers(model).values())
-    bits = 16.0 if scheme is None else report["quantized_bytes"] * 8 / n
-    return round(bits, 3), round(report["total_bytes"] / 1e6, 1)
+def _size(model, scheme: Scheme | None, skip: tuple[str, ...] = SKIP) -> tuple[float, float]:
+    """(bits per quantized weight, checkpoint MB) from evaluate.storage_report; 16 bits without a scheme."""
+    report = storage_report(model, scheme, skip=skip)
+    return round(report["bits/weight"], 3), round(report["total_bytes"] / 1e6, 1)
 
 
 @dataclass
@@ -81,7 +79,8 @@ class Cast:
 
 @dataclass
 class FakeQuant:
-    """Weights (and, for W8A8/W4A4, inputs with calibrated static ranges) rounded to a scheme from labs_lib.blockquant."""
+    """Weights (and, for W8A8/W4A4, inputs with calibrated static ranges) rounded to a scheme from
+    labs_lib.blockquant."""
 
     name: str
     weights: Scheme
@@ -91,50 +90,55 @@ class FakeQuant:
         start = time.perf_counter()
         amax = ctx.input_amax() if self.activations is not None else None
         model = fake_quantized_copy(ctx.base, self.weights, self.activations, amax).to(torch.bfloat16)
-        return Built(self.name, "transformers", model, *_size(model, self.weights), round(time.perf_counter() - start, 1))
+        seconds = round(time.perf_counter() - start, 1)
+        return Built(self.name, "transformers", model, *_size(model, self.weights), seconds)
 
 
 @dataclass
 class Layerwise:
-    """GPTQ or AWQ (labs_lib.gptq / labs_lib.awq): quantized layer by layer on the calibration batches.
+    """A labs_lib.quantizer.Quantizer (GPTQ, AWQ, RTN) applied to the base model on the calibration batches.
 
-    The cache holds the integer codes, scales and zeros of each Linear, plus the few other tensors the method
-    changed (AWQ folds its scales into the norms), so a cached build is exact, not re-run.
+    The cache holds what the method returns for each Linear (codes, scales, zeros), plus the few other tensors the
+    method changed (AWQ folds its scales into the norms), so a cached build is exact, not re-run.
     """
 
     name: str
-    method: Any  # GPTQ or AWQ instance
+    method: Quantizer
 
     def _folder(self, ctx: BuildContext) -> Path:
-        settings = f"{sorted((k, repr(v)) for k, v in vars(self.method).items() if k != 'chosen')}-{ctx.calibration_key}"
-        key = hashlib.sha1(settings.encode()).hexdigest()[:12]
-        return ctx.cache / "variants" / Path(ctx.model_name).name / f"{self.name.replace(' ', '_')}-{key}"
+        """The cache folder: model, method (its type and every constructor field) and calibration batches."""
+        return cache_path("variants", ctx.model_name, self.method.name, settings_key(self.method),
+                          calibration_key(ctx.batches), root=ctx.cache)
 
     def build(self, ctx: BuildContext) -> Built:
         from safetensors.torch import load_file, save_file
 
         start = time.perf_counter()
-        folder, model = self._folder(ctx), copy.deepcopy(ctx.base)
+        folder, model, skip = self._folder(ctx), copy.deepcopy(ctx.base), self.method.skip
         cached = (folder / "codes.safetensors").is_file()
         if cached:
-            flat = load_file(folder / "codes.safetensors")
+            stored: dict[str, dict[str, torch.Tensor]] = {}
+            for key, tensor in load_file(folder / "codes.safetensors").items():
+                name, _, part = key.rpartition(".")
+                stored.setdefault(name, {})[part] = tensor
             with torch.no_grad():
                 for name, tensor in load_file(folder / "changed.safetensors").items():
                     model.get_parameter(name).copy_(tensor)
-                for name, linear in linear_layers(model, self.method.skip).items():
-                    q = {part: flat[f"{name}.{part}"] for part in ("codes", "scale", "zero") if f"{name}.{part}" in flat}
-                    linear.weight.copy_(self.method.scheme.dequantize(q).reshape(linear.weight.shape))
+                for name, linear in linear_layers(model, skip).items():
+                    linear.weight.copy_(self.method.scheme.dequantize(stored[name]).reshape(linear.weight.shape))
         else:
             codes = self.method.quantize_model(model, ctx.batches)
             base = dict(ctx.base.named_parameters())
-            linears = {f"{n}.weight" for n in linear_layers(model, self.method.skip)}
+            linears = {f"{n}.weight" for n in linear_layers(model, skip)}
             changed = {n: p.detach().contiguous() for n, p in model.named_parameters()
                        if n not in linears and not torch.equal(p, base[n])}
+            flat = {f"{n}.{part}": t.contiguous() for n, q in codes.items() for part, t in q.items()}
             with atomic_folder(folder) as tmp:
-                save_file({f"{n}.{part}": t.contiguous() for n, q in codes.items() for part, t in q.items()}, tmp / "codes.safetensors")
+                save_file(flat, tmp / "codes.safetensors")
                 save_file(changed, tmp / "changed.safetensors")
         model = model.to(torch.bfloat16)
-        return Built(self.name, "transformers", model, *_size(model, self.method.scheme), round(time.perf_counter() - start, 1), cached)
+        seconds = round(time.perf_counter() - start, 1)
+        return Built(self.name, "transformers", model, *_size(model, self.method.scheme, skip), seconds, cached)
 
 
 def _not_cast_notice(record: logging.LogRecord) -> bool:
@@ -156,10 +160,11 @@ class BitsAndBytes:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise LabsError("bitsandbytes is not installed: pip install bitsandbytes==0.50.2 (in requirements.txt).") from None
+            raise LabsError("bitsandbytes is not installed: pip install bitsandbytes==0.50.2 "
+                            "(in requirements.txt).") from None
         start = time.perf_counter()
-        config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-                  if self.four_bit else BitsAndBytesConfig(load_in_8bit=True))
+        nf4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        config = BitsAndBytesConfig(**nf4) if self.four_bit else BitsAndBytesConfig(load_in_8bit=True)
         device = next(ctx.base.parameters()).device
         model = AutoModelForCausalLM.from_pretrained(model_folder(ctx.model_name), quantization_config=config,
                                                      dtype=torch.bfloat16, device_map=str(device))
@@ -187,8 +192,8 @@ class GGUF:
     qtype: str
 
     def build(self, ctx: BuildContext) -> Built:
-        from .gguf_io import gguf_file, read_gguf
-        from .llamacpp import gguf_for
+        from .gguf_io import read_gguf
+        from .llamacpp import gguf_file, gguf_for
 
         start = time.perf_counter()
         cached = gguf_file(ctx.model_name, self.qtype).is_file()

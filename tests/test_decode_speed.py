@@ -40,23 +40,30 @@ def test_static_cache_decode_matches_transformers():
 
 
 def test_cpu_timing_row():
-    model = DecodeModel(ModelShape(64, 2, 4, 2, 128, 97), max_len=32, device="cpu", dtype=torch.float32)
+    """The row's bytes agree with the roofline's independent count from the shape (fp32: 32 bits everywhere),
+    and its speeds are those bytes over the measured time."""
+    shape = ModelShape(hidden=512, layers=2, heads=8, kv_heads=4, intermediate=2048, vocab=32000)
+    model = DecodeModel(shape, max_len=32, device="cpu", dtype=torch.float32)
     row = time_decode(model, "eager", tokens=3, context=4)
-    assert row["ms/token"] > 0 and row["GB read/token"] == pytest.approx(
-        (model.weight_bytes_per_token() + model.kv_bytes_per_token(4)) / 1e9, abs=1e-3)
+    expected = decode_bytes_per_token(shape, linear_bits=32, head_bits=32, context=4, kv_bits=32)
+    assert row["GB read/token"] == pytest.approx(expected / 1e9, abs=1e-3) and row["GB read/token"] > 0.05
+    assert row["ms/token"] > 0 and row["tokens/s"] == pytest.approx(1000 / row["ms/token"], rel=0.01)
+    assert row["achieved GB/s"] == pytest.approx(expected / 1e6 / row["ms/token"], rel=0.01, abs=1)
 
 
 def test_byte_counts_agree_and_published_speeds_respect_the_ceiling():
     # two independent counts of Llama 3.1 8B's BF16 decode bytes: the shape formula and the tensors allocated
     meta = DecodeModel(LLAMA_3_1_8B, max_len=256, device="meta")
-    assert decode_bytes_per_token(LLAMA_3_1_8B, 16, context=256) == meta.weight_bytes_per_token() + meta.kv_bytes_per_token(256)
+    allocated = meta.weight_bytes_per_token() + meta.kv_bytes_per_token(256)
+    assert decode_bytes_per_token(LLAMA_3_1_8B, 16, context=256) == allocated
     assert decode_bytes_per_token(LLAMA_3_1_8B, 16) == pytest.approx(8.03e9 * 2 - 128256 * 4096 * 2, rel=0.01)
     for point in SPARK_PUBLISHED:
-        ceiling = decode_ceiling_tokens_per_s(decode_bytes_per_token(LLAMA_3_1_8B, point["bits"]), HARDWARE["dgx_spark"].bandwidth_gb_s)
+        step_bytes = decode_bytes_per_token(LLAMA_3_1_8B, point["bits"])
+        ceiling = decode_ceiling_tokens_per_s(step_bytes, HARDWARE["dgx_spark"].bandwidth_gb_s)
         assert point["decode tok/s"] < ceiling
 
 
-def test_gguf_bytes_per_token_counts_the_tied_embedding():
+def test_gguf_bytes_per_token_counts_the_tied_embedding(facts):
     pytest.importorskip("llama_cpp")
     from labs_lib.gguf_io import read_gguf
     from labs_lib.llamacpp import gguf_for
@@ -66,4 +73,5 @@ def test_gguf_bytes_per_token_counts_the_tied_embedding():
     info = read_gguf(path)
     assert "output.weight" not in {t["name"] for t in info["tensors"]}  # tied: token_embd is also the output layer
     assert gguf_bytes_per_token(path) == sum(t["bytes"] for t in info["tensors"])
-    assert gguf_bytes_per_token(path, context=100) - gguf_bytes_per_token(path) == 2 * 30 * 3 * 64 * 100 * 2
+    kv_f16 = 2 * facts.layers * facts.kv_heads * facts.head_dim * 100 * 2  # K and V, 100 tokens, F16
+    assert gguf_bytes_per_token(path, context=100) - gguf_bytes_per_token(path) == kv_f16

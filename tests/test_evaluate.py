@@ -7,8 +7,11 @@ import torch
 
 from labs_lib.blockquant import NVFP4, IntGroup, PerTensor
 from labs_lib.data import evaluation_tokens
-from labs_lib.evaluate import markdown_table, perplexity, quantization_error, storage_report
-from labs_lib.fake_quant import calibrate_input_amax, fake_quantized_copy, linear_layers
+from labs_lib.evaluate import measure_method, perplexity, quantization_error, storage_report
+from labs_lib.fake_quant import calibrate_input_amax, fake_quantized_copy
+from labs_lib.layerwise import linear_layers
+from labs_lib.report import markdown_table
+from labs_lib.rtn import RTN
 
 
 @pytest.fixture(scope="module")
@@ -37,34 +40,42 @@ def test_quantization_orders_perplexity(model, eval_ids, fp32_ppl):
     assert fp32_ppl < nvfp4 < fp4_tensor
 
 
-def test_fake_quantized_copy_leaves_original_and_head_alone(model):
+def test_fake_quantized_copy_leaves_original_and_head_alone(model, facts):
     before = model.model.layers[0].mlp.down_proj.weight.clone()
     q = fake_quantized_copy(model, NVFP4())
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
     assert not torch.equal(q.model.layers[0].mlp.down_proj.weight, before)
     assert torch.equal(q.lm_head.weight, model.lm_head.weight)  # lm_head (tied to the embedding) is skipped
-    assert len(linear_layers(model)) == 210
+    assert len(linear_layers(model)) == facts.linears
 
 
-def test_activation_quantization_changes_outputs(model, tokenizer, corpus):
+def test_activation_quantization_changes_outputs(model, tokenizer, corpus, facts):
     from labs_lib.data import calibration_batches
 
     calib = calibration_batches(tokenizer, corpus, 2, 64)
     amax = calibrate_input_amax(model, calib)
-    assert len(amax) == 210 and all(a > 0 for a in amax.values())
+    assert len(amax) == facts.linears and all(a > 0 for a in amax.values())
     w4 = fake_quantized_copy(model, NVFP4())
     w4a4 = fake_quantized_copy(model, NVFP4(), NVFP4(), amax)
     with torch.inference_mode():
         assert not torch.equal(w4(calib[:1]).logits, w4a4(calib[:1]).logits)
 
 
-def test_storage_report_counts_tied_weights_once(model):
+def test_storage_report_counts_tied_weights_once(model, facts):
     bf16 = storage_report(model)
-    assert bf16["total_bytes"] == 134_515_008 * 2
+    assert bf16["total_bytes"] == facts.parameters * 2 and bf16["bits/weight"] == 16
     nvfp4 = storage_report(model, NVFP4())
-    linear_weights = sum(l.weight.numel() for l in linear_layers(model).values())
-    assert nvfp4["quantized_bytes"] == pytest.approx(linear_weights * 4.5 / 8 + 210 * 4)
+    linear_weights = sum(layer.weight.numel() for layer in linear_layers(model).values())
+    assert nvfp4["quantized_bytes"] == pytest.approx(linear_weights * 4.5 / 8 + facts.linears * 4)  # + FP32 scale each
+    assert nvfp4["bits/weight"] == pytest.approx(4.5 + facts.linears * 32 / linear_weights)
     assert storage_report(model, IntGroup(4, 64))["total_bytes"] < nvfp4["total_bytes"]
+
+
+def test_measure_method_row_counts_bits_of_the_quantized_linears_only(model, eval_ids):
+    row = measure_method(model, RTN(IntGroup(4, 64, symmetric=False)), None, eval_ids[:1024], window=512)
+    assert row["variant"] == "RTN INT4-g64-asym"
+    assert row["bits/weight"] == pytest.approx(4 + (16 + 4) / 64, abs=1e-3)  # FP16 scale and 4-bit zero per 64
+    assert row["size MB"] == round(storage_report(model, IntGroup(4, 64, symmetric=False))["total_bytes"] / 1e6, 1)
 
 
 def test_quantization_error_and_table():

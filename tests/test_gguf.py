@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from labs_lib.errors import LabsError
-from labs_lib.gguf_io import compare_gguf, convert_with_llama_cpp, permute_for_rope, read_gguf, tensor_type_summary, write_gguf
+from labs_lib.gguf_io import compare_gguf, permute_for_rope, read_gguf, tensor_type_summary, write_gguf
+from labs_lib.llamacpp import convert_with_llama_cpp
 from labs_lib.models import EMBEDDED, embedded_gguf_path, model_folder
 
 
@@ -33,10 +34,11 @@ def test_written_tensors_round_trip(f16_gguf, model):
     assert len(tensors) == 2 + 9 * model.config.num_hidden_layers and "output.weight" not in tensors  # tied head
     layer = model.model.layers[7]
     q = np.asarray(tensors["blk.7.attn_q.weight"].data, dtype=np.float32)
-    want_q = permute_for_rope(layer.self_attn.q_proj.weight.detach(), model.config.num_attention_heads).half().float().numpy()
-    assert np.array_equal(q, want_q)
+    want_q = permute_for_rope(layer.self_attn.q_proj.weight.detach(), model.config.num_attention_heads)
+    assert np.array_equal(q, want_q.half().float().numpy())
     k = np.asarray(tensors["blk.7.attn_k.weight"].data, dtype=np.float32)
-    assert np.array_equal(k, permute_for_rope(layer.self_attn.k_proj.weight.detach(), model.config.num_key_value_heads).half().float().numpy())
+    want_k = permute_for_rope(layer.self_attn.k_proj.weight.detach(), model.config.num_key_value_heads)
+    assert np.array_equal(k, want_k.half().float().numpy())
     norm = np.asarray(tensors["blk.7.attn_norm.weight"].data)
     assert norm.dtype == np.float32 and np.array_equal(norm, layer.input_layernorm.weight.detach().numpy())
 
@@ -59,7 +61,8 @@ def test_inspector_counts_types_and_bits(f16_gguf):
     summary = {row["type"]: row for row in tensor_type_summary(info)}
     assert summary["F16"]["bits/weight"] == 16.0 and summary["F32"]["bits/weight"] == 32.0
     shipped = {row["type"]: row for row in tensor_type_summary(read_gguf(embedded_gguf_path()))}
-    assert shipped["Q4_1"]["bits/weight"] == 5.0 and shipped["Q8_0"]["bits/weight"] == 8.5  # 16-bit scale and min per 32
+    # Q4_1: a 16-bit scale and a 16-bit min per 32 weights; Q8_0: a 16-bit scale per 32
+    assert shipped["Q4_1"]["bits/weight"] == 5.0 and shipped["Q8_0"]["bits/weight"] == 8.5
 
 
 def test_reader_agrees_with_the_gguf_package(f16_gguf):
@@ -68,12 +71,15 @@ def test_reader_agrees_with_the_gguf_package(f16_gguf):
     for path in [f16_gguf, embedded_gguf_path()]:
         info, reader = read_gguf(path), GGUFReader(str(path))
         assert [(t["name"], t["type"], t["shape"], t["bytes"], t["offset"]) for t in info["tensors"]] == [
-            (t.name, t.tensor_type.name, [int(d) for d in t.shape], int(t.n_bytes), int(t.data_offset)) for t in reader.tensors]
+            (t.name, t.tensor_type.name, [int(d) for d in t.shape], int(t.n_bytes), int(t.data_offset))
+            for t in reader.tensors]
         fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-        assert info["metadata"] == {k: f"[{len(v)} items]" if isinstance(v, list) and len(v) > 8 else v for k, v in fields.items()}
+        shown = {k: f"[{len(v)} items]" if isinstance(v, list) and len(v) > 8 else v for k, v in fields.items()}
+        assert info["metadata"] == shown
 
 
-@pytest.mark.skipif(not (Path(sys.prefix) / "llama-cpp-convert").is_dir(), reason="llama.cpp's converter is not installed")
+@pytest.mark.skipif(not (Path(sys.prefix) / "llama-cpp-convert").is_dir(),
+                    reason="llama.cpp's converter is not installed")
 def test_llama_cpp_converter_writes_the_same_tensors_and_tokenizer(f16_gguf, tmp_path):
     theirs = convert_with_llama_cpp(model_folder(EMBEDDED), tmp_path / "llama-cpp-f16.gguf")
     same = compare_gguf(f16_gguf, theirs)

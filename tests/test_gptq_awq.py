@@ -5,15 +5,16 @@ import copy
 import pytest
 import torch
 
-from labs_lib.awq import AWQ, fold_scale, llama_scale_groups
+from labs_lib.awq import AWQ
 from labs_lib.blockquant import IntGroup
 from labs_lib.data import calibration_batches, evaluation_tokens
 from labs_lib.errors import LabsError
 from labs_lib.evaluate import perplexity
-from labs_lib.fake_quant import linear_layers
 from labs_lib.gptq import GPTQ, collect_hessians
-from labs_lib.layerwise import capture_first_layer_inputs, collect_linear_inputs, decoder_layers, layer_inputs, run_layer
+from labs_lib.layerwise import (capture_first_layer_inputs, collect_linear_inputs, decoder_layers, layer_inputs,
+                                linear_layers, run_layer)
 from labs_lib.rtn import RTN
+from labs_lib.scale_groups import fold_scale, scale_groups
 
 G64 = IntGroup(4, 64, symmetric=False)
 
@@ -35,8 +36,10 @@ def output_error(weight, approx, x):
     return ((x @ (weight - approx).T) ** 2).mean().item()
 
 
-@pytest.mark.parametrize("layer_index", [0, 15, 29])
-def test_gptq_output_error_below_rtn_on_real_layers(model, calib, layer_index):
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_gptq_output_error_below_rtn_on_real_layers(model, calib, where):
+    n_layers = model.config.num_hidden_layers
+    layer_index = {"first": 0, "middle": n_layers // 2, "last": n_layers - 1}[where]
     inputs = layer_inputs(model, calib, layer_index)
     layer = decoder_layers(model)[layer_index]
     linears = linear_layers(layer)
@@ -52,16 +55,17 @@ def test_gptq_output_error_below_rtn_on_real_layers(model, calib, layer_index):
             assert output_error(w, ours, x) < 0.9 * output_error(w, rtn, x), (layer_index, name, scheme.name)
 
 
-def test_gptq_codes_are_on_the_grid_and_act_order_helps_too(model, calib):
+def test_gptq_codes_are_on_the_grid_and_act_order_helps_too(model, calib, facts):
     layer = decoder_layers(model)[0]
     inputs = capture_first_layer_inputs(model, calib)
     down = layer.mlp.down_proj
     H = collect_hessians(layer, inputs, {"down": down})["down"]
-    x = torch.cat(collect_linear_inputs(layer, inputs, ["mlp.down_proj"])["mlp.down_proj"]).reshape(-1, 1536)
+    x = torch.cat(collect_linear_inputs(layer, inputs, ["mlp.down_proj"])["mlp.down_proj"])
+    x = x.reshape(-1, facts.intermediate)
     for act_order in (False, True):
         q = GPTQ(G64, act_order=act_order).quantize_weight(down.weight, H)
         assert q["codes"].dtype == torch.uint8 and int(q["codes"].max()) <= 15
-        assert q["scale"].dtype == torch.float16 and q["scale"].shape == (576, 1536 // 64)
+        assert q["scale"].dtype == torch.float16 and q["scale"].shape == (facts.hidden, facts.intermediate // 64)
         approx = G64.dequantize(q).reshape(down.weight.shape)
         assert output_error(down.weight, approx, x) < output_error(down.weight, G64.fake_quantize(down.weight), x)
 
@@ -86,19 +90,19 @@ def test_folding_awq_scales_leaves_the_float_model_unchanged(model, calib):
     reference = small(calib[:2]).logits
     g = torch.Generator().manual_seed(0)
     modules = dict(small.model.layers[0].named_modules())
-    for group in llama_scale_groups(small.model.layers[0]):
+    for group in scale_groups(small.model.layers[0], small.config.model_type):
         s = torch.rand(group.prev.weight.shape[0], generator=g) * 4 + 0.25
         fold_scale(group.prev, [modules[n] for n in group.linears], s)
     folded = small(calib[:2]).logits
     assert ((folded - reference).norm() / reference.norm()).item() < 1e-5
 
 
-def test_fold_scale_matches_gptqmodel_apply_scale(model):
+def test_fold_scale_matches_gptqmodel_apply_scale(model, facts):
     pytest.importorskip("gptqmodel")
     from gptqmodel.quantization.awq.quantize.scale import apply_scale
 
     ours, theirs = copy.deepcopy(model.model.layers[0]), copy.deepcopy(model.model.layers[0])
-    s = torch.linspace(0.5, 2.0, 576)
+    s = torch.linspace(0.5, 2.0, facts.hidden)
     fold_scale(ours.post_attention_layernorm, [ours.mlp.gate_proj, ours.mlp.up_proj], s)
     apply_scale(theirs, [("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"], s, None)])
     for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
@@ -120,7 +124,8 @@ def test_awq_and_gptq_beat_rtn_on_the_network_output(model, calib):
     for method in (RTN(G64), AWQ(G64), GPTQ(G64)):
         quantized = truncated(model, 4)
         method.quantize_model(quantized, calib)
-        errors[type(method).__name__] = (quantized(calib, output_hidden_states=True).hidden_states[-1] - target).pow(2).mean().item()
+        output = quantized(calib, output_hidden_states=True).hidden_states[-1]
+        errors[type(method).__name__] = (output - target).pow(2).mean().item()
     assert errors["AWQ"] < errors["RTN"] and errors["GPTQ"] < errors["RTN"], errors
 
 

@@ -1,5 +1,6 @@
-"""GPU paths (skipped without CUDA): bit-exact casts and NVFP4 bytes on the device, and Model Optimizer's
-own NVFP4 W4A4 forward, which needs CUDA, against labs_lib's emulation on the same model."""
+"""Every lab's computational core on CUDA, with small inputs (skipped without a GPU): formats (01), NVFP4 bytes and
+Model Optimizer's NVFP4/MXFP4 forward (02), GPTQ/AWQ (03-04), the GGUF writer from a GPU model (05), FP8 layers and
+training (06), BF16 evaluation, fake quantization and bitsandbytes (07), Model Optimizer's export checked (08)."""
 
 import pytest
 import torch
@@ -60,7 +61,8 @@ def test_model_optimizer_w4a4_forward_matches_labs_lib_emulation():
         ref, a, b = model(probe).logits, ours(probe).logits, theirs(probe).logits
     quant_effect = (b - ref).norm() / ref.norm()
     disagreement = (a - b).norm() / ref.norm()
-    print(f"quantization changes logits by {quant_effect:.4f}; labs_lib vs Model Optimizer differ by {disagreement:.2e}")
+    print(f"quantization changes logits by {quant_effect:.4f}; labs_lib vs Model Optimizer differ by "
+          f"{disagreement:.2e}")
     assert quant_effect > 1e-3  # the quantizers are really on
     assert disagreement < 0.01 * quant_effect
 
@@ -91,14 +93,16 @@ def test_gptq_and_awq_on_cuda_match_the_cpu(method):
         assert differ < 0.02, (name, differ)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores")
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs FP8 tensor cores")
 def test_fp8_linear_on_fp8_tensor_cores_matches_the_cpu_emulation():
     from labs_lib.fp8 import FP8Linear, ScalingRecipe, quantize
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, generator=g) * 100
     for fmt in ("fp8_e4m3", "fp8_e5m2"):  # native cast == formats.cast, saturation included
-        assert torch.equal(quantize(x.cuda(), fmt, torch.tensor(3.0).cuda()).float().cpu(), quantize(x, fmt, torch.tensor(3.0)))
+        native = quantize(x.cuda(), fmt, torch.tensor(3.0).cuda()).float().cpu()
+        assert torch.equal(native, quantize(x, fmt, torch.tensor(3.0)))
     linear = torch.nn.Linear(256, 128)
     inp = torch.randn(64, 256, generator=g)
     grad = torch.randn(64, 128, generator=g)
@@ -116,3 +120,112 @@ def test_fp8_linear_on_fp8_tensor_cores_matches_the_cpu_emulation():
         rel = ((gpu - cpu).norm() / cpu.norm()).item()
         print(f"{name}: relative difference GPU vs CPU emulation {rel:.2e}")
         assert rel < 2e-3
+
+
+def _batches(n: int, length: int = 64, vocab: int = 512, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_lab_policy_puts_models_on_the_gpu_in_bf16():
+    from labs_lib.lab import setup_lab
+    from labs_lib.models import EMBEDDED, load_model
+
+    cfg = setup_lab("02", "policy", profile="quick", model=EMBEDDED)
+    model = load_model(cfg.model, **cfg.placement)
+    assert cfg.device == "cuda" and cfg.dtype == torch.bfloat16
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_bf16_perplexity_on_gpu_agrees_with_float32_on_cpu():
+    from labs_lib.evaluate import perplexity
+
+    model, tokens = tiny_llama(), _batches(1, 2048, seed=3).flatten()
+    cpu = perplexity(model, tokens, window=256)
+    gpu = perplexity(tiny_llama().cuda().to(torch.bfloat16), tokens, window=256)
+    assert gpu == pytest.approx(cpu, rel=0.01)
+
+
+@pytest.mark.parametrize("scheme", ["NVFP4", "MXFP4", "INT4"])
+def test_fake_quantized_weights_on_gpu_equal_the_cpu(scheme):
+    from labs_lib.blockquant import MXFP4, IntGroup
+    from labs_lib.fake_quant import fake_quantized_copy, linear_layers
+
+    chosen = {"NVFP4": NVFP4(), "MXFP4": MXFP4(), "INT4": IntGroup(4, 64, symmetric=False)}[scheme]
+    model = tiny_llama()
+    cpu, gpu = fake_quantized_copy(model, chosen), fake_quantized_copy(model.cuda(), chosen)
+    for (name, a), b in zip(linear_layers(cpu).items(), linear_layers(gpu).values()):
+        assert torch.equal(a.weight, b.weight.cpu()), name
+
+
+def test_model_optimizer_mxfp4_forward_runs_on_cuda():
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    model = tiny_llama().cuda()
+    calib, probe = _batches(4).cuda(), _batches(2, seed=2).cuda()
+    with torch.inference_mode():
+        ref = model(probe).logits
+    mtq.quantize(model, mtq.MXFP4_DEFAULT_CFG, lambda m: [m(b[None]) for b in calib])
+    with torch.inference_mode():
+        change = ((model(probe).logits - ref).norm() / ref.norm()).item()
+    assert 1e-3 < change < 0.5  # MXFP4 W4A4 really rounds, and the model still computes
+
+
+def test_gguf_written_from_a_gpu_model_equals_the_cpu_file(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from labs_lib.gguf_io import read_gguf, write_gguf
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    cpu = read_gguf(write_gguf(model, tokenizer, tmp_path / "cpu.gguf"))
+    gpu = read_gguf(write_gguf(model.cuda(), tokenizer, tmp_path / "gpu.gguf"))
+    assert (tmp_path / "cpu.gguf").read_bytes() == (tmp_path / "gpu.gguf").read_bytes()
+    assert len(cpu["tensors"]) == len(gpu["tensors"]) > 0
+
+
+def test_fp8_training_on_the_gpu_reduces_the_loss():
+    from labs_lib.fp8 import ScalingRecipe, convert_to_fp8
+    from labs_lib.training import tiny_llama as trainable, train
+
+    model = trainable(512, hidden=128, layers=2, heads=4, seed=0).cuda()
+    convert_to_fp8(model, ScalingRecipe("delayed"))
+    batch = _batches(1, 8 * 64, seed=4).reshape(8, 64)
+    losses = train(model, batch.repeat(24, 1, 1))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_bitsandbytes_cuda_kernels_quantize_and_evaluate(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from labs_lib.evaluate import perplexity
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path)
+    tokens = _batches(1, 1024, seed=5).flatten()
+    bf16 = perplexity(model.cuda().to(torch.bfloat16), tokens, window=256)
+    for config in (BitsAndBytesConfig(load_in_8bit=True),
+                   BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.bfloat16)):
+        quantized = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, dtype=torch.bfloat16,
+                                                         device_map="cuda")
+        assert quantized(tokens[None, :8].cuda()).logits.is_cuda
+        assert perplexity(quantized, tokens, window=256) == pytest.approx(bf16, rel=0.05)
+
+
+def test_model_optimizer_export_calibrated_on_the_gpu_validates(tmp_path):
+    pytest.importorskip("modelopt.torch.quantization")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from labs_lib.checkpoint_check import check_checkpoint
+    from labs_lib.modelopt_ptq import modelopt_export, modelopt_quantize
+
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    modelopt_quantize(model, "NVFP4_DEFAULT_CFG", _batches(4))
+    report = check_checkpoint(modelopt_export(model, tmp_path / "nvfp4"))
+    assert report.ok, report.findings

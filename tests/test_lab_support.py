@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from labs_lib.errors import LabsError
 from labs_lib.lab import PROFILES, setup_lab
 
 
@@ -15,7 +16,7 @@ def test_setup_lab_fills_sizes_from_profile(monkeypatch, capsys):
     assert cfg.eval_tokens == 1234 and cfg.calib_samples == PROFILES["quick"]["calib_samples"]
     out = capsys.readouterr().out
     assert "profile  quick" in out and "model" in out and "corpus" in out and "FP4" in out
-    with pytest.raises(Exception, match="Unknown profile"):
+    with pytest.raises(LabsError, match="Unknown profile 'huge'"):
         setup_lab("99", "test", profile="huge")
 
 
@@ -42,19 +43,46 @@ def test_results_and_report(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*"))  # no temporary files left
 
 
-def test_fp4_status_says_emulated_without_blackwell():
-    from labs_lib.hardware import FP4_MAJORS, fp4_status
+@pytest.mark.parametrize("capability, fp8, fp4", [((12, 1), True, True),  # GB10 (DGX Spark)
+                                                  ((10, 0), True, True),  # B200
+                                                  ((9, 0), True, False),  # H100: FP8, no FP4
+                                                  ((8, 9), True, False),  # Ada
+                                                  ((8, 0), False, False)])  # A100
+def test_fp4_and_fp8_status_follow_the_compute_capability(monkeypatch, capability, fp8, fp4):
+    from labs_lib import hardware
 
-    if not torch.cuda.is_available():
-        assert "emulated" in fp4_status()
-    assert 12 in FP4_MAJORS and 9 not in FP4_MAJORS  # GB10 is 12.1; Hopper 9.0 has no FP4
+    monkeypatch.delenv("LABS_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some GPU")
+    info = hardware.device_info()
+    assert (info["native_fp8"], info["native_fp4"]) == (fp8, fp4)
+    assert info["compute_capability"] == f"{capability[0]}.{capability[1]}"
+    assert hardware.fp4_status().startswith("Native FP4: yes" if fp4 else "Native FP4: no")
+    assert ("emulated" in hardware.fp4_status()) != fp4
+    assert hardware.fp8_status().startswith("Native FP8: yes" if fp8 else "Native FP8: no")
+
+
+def test_fp4_status_on_a_cpu_says_emulated(monkeypatch):
+    from labs_lib import hardware
+
+    monkeypatch.delenv("LABS_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hardware.device_info()["device"] == "cpu"
+    assert "no on this CPU" in hardware.fp4_status() and "emulated" in hardware.fp4_status()
 
 
 def test_atomic_writes_leave_nothing_half_written(tmp_path):
-    from labs_lib.files import atomic_folder, write_atomic
+    from labs_lib.files import atomic_folder, atomic_path, write_atomic
 
     write_atomic(tmp_path / "a.json", b"{}")
     assert (tmp_path / "a.json").read_bytes() == b"{}"
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "a.json") as tmp:
+            assert tmp.suffix == ".json" and tmp.parent == tmp_path and tmp.name.startswith(".")
+            tmp.write_bytes(b'{"half":')
+            raise RuntimeError("writer failed half way")
+    assert (tmp_path / "a.json").read_bytes() == b"{}"  # the old version stays whole
     with pytest.raises(RuntimeError):
         with atomic_folder(tmp_path / "export") as tmp:
             (tmp / "model.safetensors").write_bytes(b"partial")
@@ -63,3 +91,23 @@ def test_atomic_writes_leave_nothing_half_written(tmp_path):
     with atomic_folder(tmp_path / "export") as tmp:
         (tmp / "done").write_text("ok")
     assert (tmp_path / "export" / "done").read_text() == "ok"
+
+
+def test_report_puts_machines_side_by_side(tmp_path, monkeypatch):
+    from labs_lib.report import build_report, side_by_side, load_run
+    from labs_lib.results import save_results
+
+    for sub, ppl, seconds in (("", 12.5, 40.0), ("gpu", 12.6, 4.0)):
+        folder = tmp_path / sub
+        folder.mkdir(exist_ok=True)
+        monkeypatch.setenv("LABS_RESULTS_DIR", str(folder))
+        cfg = setup_lab("98", "Report test", profile="quick")
+        save_results(cfg, {"perplexity reference": ppl})
+        log = {"profile": "quick", "labs": {"98": {"status": "ok", "seconds": seconds}}}
+        (folder / "run_log.json").write_text(json.dumps(log))
+    times, ppl = side_by_side({"CPU": load_run(tmp_path), "GPU": load_run(tmp_path / "gpu")})
+    assert [times[0][k] for k in ("lab", "CPU s", "GPU s")] == ["98", 40.0, 4.0]
+    assert times[0]["CPU peak GB"] > 0 and times[0]["GPU plan GB"] > 0
+    assert ppl == [{"lab": "98", "measure": "perplexity reference", "CPU": 12.5, "GPU": 12.6, "GPU vs CPU %": 0.8}]
+    report = build_report(tmp_path / "gpu").read_text()  # a GPU run writes the one report of both machines
+    assert "## CPU run" in report and "## GPU run" in report and "![figures" not in report

@@ -26,7 +26,8 @@ def test_every_tensor_is_bit_identical(export):
 
 def test_export_config_and_files(export):
     folder, _ = export
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "generation_config.json", "hf_quant_config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "generation_config.json",
+                                                        "hf_quant_config.json", "model.safetensors"]
     quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
     assert quant["quant_algo"] == "NVFP4" and quant["group_size"] == 16
     assert set(quant["exclude_modules"]) == {"lm_head", "model.embed_tokens"}

