@@ -1,5 +1,5 @@
 # Spark Quantization Labs: two commands, each sets up .venv on first use.
-#   make run    execute every lab (profile full by default) and write results/REPORT.md
+#   make run    execute every lab (profile quick on a CPU, full on a GPU; PROFILE= overrides) and write results/REPORT.md
 #   make test   labs_lib unit tests + nbval on every committed notebook (profile quick)
 # and two set-up steps they run: `make setup` (packages and the embedded model, a few minutes) and
 # `make llama` (llama.cpp for Lab 05 onwards, compiled once).
@@ -8,7 +8,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 LLAMA_STAMP := $(VENV)/.llama-cpp
-PROFILE ?= full
+PROFILE ?=
 # llama-cpp-python has no binary wheel: it compiles llama.cpp (CPU) once, about 15 minutes on 2 cores, and keeps
 # the wheel in $(VENV)/wheels. On x86-64 the build is portable (AVX2): a -march=native build crashed in the AMX
 # matmul on a VM that advertises AMX. Elsewhere (DGX Spark's Arm CPU) llama.cpp's native default is used.
@@ -52,7 +52,7 @@ $(LLAMA_STAMP): $(STAMP)
 	touch $@
 
 run: $(STAMP) $(LLAMA_STAMP)
-	$(PY) -m labs_lib.run_labs --profile $(PROFILE)
+	$(PY) -m labs_lib.run_labs $(if $(PROFILE),--profile $(PROFILE))
 
 report: $(STAMP)
 	$(PY) -c "from labs_lib.report import build_report; print(build_report())"

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .blockquant import E4M3_MAX
-from .roofline import LLAMA_3_1_8B, DecodeShape
+from .roofline import LLAMA_3_1_8B
+from .sizing import ModelShape
 
 __all__ = ["DecodeModel", "time_decode", "measure_copy_bandwidth", "GPU_DECODE_FILE"]
 
@@ -24,7 +25,7 @@ GPU_DECODE_FILE = "08_engine_gpu.json"
 class DecodeModel:
     """A Llama decoder as plain tensors: fused QKV and gate/up projections, RoPE, GQA over a static KV cache."""
 
-    def __init__(self, shape: DecodeShape, max_len: int = 512, device: str = "cuda", dtype=torch.bfloat16, seed: int = 0,
+    def __init__(self, shape: ModelShape, max_len: int = 512, device: str = "cuda", dtype=torch.bfloat16, seed: int = 0,
                  rope_theta: float = 500000.0):
         torch.manual_seed(seed)
         s, d = shape, shape.head_dim

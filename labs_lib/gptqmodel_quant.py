@@ -24,6 +24,7 @@ import torch
 from .blockquant import IntGroup
 from .errors import LabsError
 from .files import atomic_folder
+from .hardware import default_device
 from .models import _resolve, cache_dir
 
 __all__ = ["require_gptqmodel", "LibraryRun", "gptqmodel_quantize", "load_quantized_checkpoint"]
@@ -70,7 +71,7 @@ def gptqmodel_quantize(model_name: str, method: str, scheme: IntGroup, batches: 
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
     from gptqmodel.quantization.config import METHOD
 
-    cuda = torch.cuda.is_available()
+    cuda = default_device() == "cuda"
     common = dict(bits=scheme.bits, group_size=scheme.group_size or -1, sym=scheme.symmetric, desc_act=False)
     if method == "gptq":
         config = QuantizeConfig(**common, act_group_aware=False, damp_percent=damp, true_sequential=False)
@@ -94,9 +95,10 @@ def gptqmodel_quantize(model_name: str, method: str, scheme: IntGroup, batches: 
     return LibraryRun(folder, seconds, False)
 
 
-def load_quantized_checkpoint(folder: Path, device: str = "cpu"):
-    """A GPTQ/AWQ checkpoint loaded by transformers itself (the way a user would deploy it)."""
+def load_quantized_checkpoint(folder: Path, device: str | None = None):
+    """A GPTQ/AWQ checkpoint loaded by transformers itself (the way a user would deploy it), on `device`
+    (None: the labs' policy, the GPU when there is one, where GPTQModel picks its CUDA kernels)."""
     require_gptqmodel()
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, device_map=device).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, device_map=device or default_device()).eval()

@@ -7,15 +7,39 @@ import platform
 
 import torch
 
-__all__ = ["device_info", "fp4_status", "fp8_status"]
+from .errors import LabsError
+
+__all__ = ["default_device", "default_dtype", "device_info", "fp4_status", "fp8_status", "peak_memory_bytes",
+           "reset_peak_memory"]
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 # Blackwell: 10.0 (B200), 10.3 (B300), 12.0 (RTX 50), 12.1 (GB10, DGX Spark). Hopper 9.0 and Ada 8.9 have FP8.
 FP4_MAJORS = (10, 12)
 
 
+def default_device() -> str:
+    """$LABS_DEVICE if set (cpu or cuda); else cuda when a GPU is visible, else cpu."""
+    device = os.environ.get("LABS_DEVICE", "").strip() or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise LabsError(f"LABS_DEVICE='{device}': use cpu or cuda.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LabsError("LABS_DEVICE=cuda but torch sees no GPU: unset LABS_DEVICE to run on the CPU, or use a CUDA "
+                        "build of torch (inside the NGC container it is there).")
+    return device
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """$LABS_DTYPE if set; else bfloat16 on a GPU (what checkpoints ship in) and float32 on a CPU (fast there)."""
+    name = os.environ.get("LABS_DTYPE", "").strip() or ("bfloat16" if device == "cuda" else "float32")
+    if name not in DTYPES:
+        raise LabsError(f"LABS_DTYPE='{name}': use one of {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
 def device_info() -> dict:
     """Name, compute capability and native low-precision support of the device the labs use."""
-    if not torch.cuda.is_available():
+    if default_device() == "cpu":
         return {"device": "cpu", "name": _cpu_name(), "compute_capability": None, "native_fp8": False, "native_fp4": False}
     major, minor = torch.cuda.get_device_capability()
     return {
@@ -54,3 +78,18 @@ def fp8_status() -> str:
         return f"Native FP8: yes ({info['name']}, compute capability {info['compute_capability']})."
     return ("Native FP8: no on this device (FP8 tensor cores need compute capability 8.9 or newer); "
             "FP8 is emulated with exact casts and float32 matmuls.")
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory measurement on the GPU (the CPU's peak RSS cannot be reset)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_bytes(device: str) -> int:
+    """Peak bytes so far: `torch.cuda.max_memory_allocated` on a GPU, the process's peak resident set on a CPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kilobytes

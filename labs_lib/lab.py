@@ -14,8 +14,9 @@ import torch
 
 from .data import EMBEDDED_CORPUS, default_corpus
 from .errors import LabsError
-from .hardware import device_info, fp4_status
-from .models import EMBEDDED, default_model
+from .hardware import default_device, default_dtype, device_info, fp4_status
+from .models import EMBEDDED, available_memory_bytes, default_model, model_config
+from .sizing import ModelShape, lab_memory_plan
 from .network import hub_reachable
 
 PROFILES: dict[str, dict[str, int]] = {
@@ -23,12 +24,11 @@ PROFILES: dict[str, dict[str, int]] = {
     "full": {"calib_samples": 128, "seq_len": 512, "eval_tokens": 16384, "window": 1024, "seed": 0},
 }
 
-__all__ = ["PROFILES", "LabConfig", "setup_lab", "default_profile"]
-
+__all__ = ["PROFILES", "LabConfig", "setup_lab", "default_profile", "check_lab_fits"]
 
 def default_profile() -> str:
     """$LABS_PROFILE if set; else full on a GPU and quick on a CPU."""
-    return os.environ.get("LABS_PROFILE", "").strip() or ("full" if torch.cuda.is_available() else "quick")
+    return os.environ.get("LABS_PROFILE", "").strip() or ("full" if default_device() == "cuda" else "quick")
 
 
 @dataclass
@@ -38,9 +38,15 @@ class LabConfig:
     profile: str
     model: str
     corpus: str
-    device: str
+    device: str  # where every model of the lab lives and computes: cuda on a GPU, else cpu
+    dtype: torch.dtype  # what models load in: bfloat16 on a GPU, float32 on a CPU
     sizes: dict[str, int]
     figures: list[str] = field(default_factory=list)
+
+    @property
+    def placement(self) -> dict:
+        """dtype and device for `load_model(cfg.model, **cfg.placement)` and other entry points."""
+        return {"dtype": self.dtype, "device": self.device}
 
     def __getattr__(self, name: str):
         sizes = self.__dict__.get("sizes", {})
@@ -56,18 +62,23 @@ def _describe_model(model: str) -> str:
     return model
 
 
-def setup_lab(lab: str, title: str, profile: str | None = None, model: str | None = None,
-              corpus: str | None = None, **sizes: int | None) -> LabConfig:
-    """Resolve profile, model, corpus and sizes (None means: from the profile) and print them."""
+def setup_lab(lab: str, title: str, profile: str | None = None, model: str | None = None, corpus: str | None = None,
+              quick: dict | None = None, full: dict | None = None, **sizes: int | None) -> LabConfig:
+    """Resolve profile, model, corpus, device, dtype and sizes, check the model fits, and print them.
+
+    Sizes come from the profile, then the lab's own per-profile overrides (`quick=`, `full=`), then `sizes`
+    (a notebook parameter; None means: not set)."""
     profile = profile or default_profile()
     if profile not in PROFILES:
         raise LabsError(f"Unknown profile '{profile}': use one of {', '.join(PROFILES)}.")
-    resolved = dict(PROFILES[profile])
+    resolved = dict(PROFILES[profile]) | ({"quick": quick, "full": full}[profile] or {})
     resolved.update({k: v for k, v in sizes.items() if v is not None})
+    device = default_device()
     cfg = LabConfig(
         lab=lab, title=title, profile=profile, model=model or default_model(), corpus=corpus or default_corpus(),
-        device="cuda" if torch.cuda.is_available() else "cpu", sizes=resolved,
+        device=device, dtype=default_dtype(device), sizes=resolved,
     )
+    plan = check_lab_fits(cfg)
     hub = "reachable" if hub_reachable() else "not reachable, so the embedded copies are used"
     info = device_info()
     print(f"Lab {lab} · {title}")
@@ -76,6 +87,24 @@ def setup_lab(lab: str, title: str, profile: str | None = None, model: str | Non
     corpus_note = " (Python reference manual from the standard library, split by topic)" if cfg.corpus == EMBEDDED_CORPUS else ""
     print(f"corpus   {cfg.corpus}{corpus_note}")
     print(f"hub      Hugging Face Hub {hub}")
-    print(f"device   {info['device']}: {info['name']} · torch {torch.__version__} · Python {platform.python_version()}")
+    print(f"device   {info['device']}: {info['name']} · models in {str(cfg.dtype).removeprefix('torch.')} · "
+          f"torch {torch.__version__} · Python {platform.python_version()}")
+    print(f"memory   plan {plan['total_bytes'] / 1e9:.2f} GB ({plan['copies']} model cop{'y' if plan['copies'] == 1 else 'ies'} "
+          f"of {plan['weights_bytes'] / 1e9:.2f} GB + activations); {plan['available_bytes'] / 1e9:.0f} GB free")
     print(f"fp4      {fp4_status()}")
     return cfg
+
+
+def check_lab_fits(cfg: LabConfig) -> dict:
+    """The lab's memory plan for its model (from the config alone); LabsError before anything loads if it won't fit."""
+    shape = ModelShape.from_config(model_config(cfg.model))
+    plan = lab_memory_plan(shape, cfg.lab, bytes_per_param=torch.finfo(cfg.dtype).bits // 8,
+                           calib_samples=cfg.sizes["calib_samples"], seq_len=cfg.sizes["seq_len"], window=cfg.sizes["window"])
+    plan["available_bytes"] = available_memory_bytes(cfg.device)
+    if plan["total_bytes"] > plan["available_bytes"]:
+        raise LabsError(
+            f"Lab {cfg.lab} needs about {plan['total_bytes'] / 1e9:.0f} GB for {cfg.model} ({plan['copies']} copies of "
+            f"{plan['weights_bytes'] / 1e9:.0f} GB in {str(cfg.dtype).removeprefix('torch.')} plus activations), but "
+            f"{cfg.device} has {plan['available_bytes'] / 1e9:.0f} GB free. Choose a smaller model (LABS_MODEL); "
+            "STUDY_GUIDE.md's memory table shows what each lab needs for 8B-70B models.")
+    return plan

@@ -58,17 +58,20 @@ def export_folder(model_name: str, config_name: str) -> Path:
     return cache_dir() / "exports" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name) + f"-{suffix}")
 
 
-def exported_checkpoint(model_name: str, config_name: str, batches: torch.Tensor, tokenizer=None) -> tuple[Path, float | None]:
-    """The cached export if there is one, else BF16 model -> mtq.quantize -> export. Returns (folder, seconds
-    spent, None when cached). The tokenizer is saved next to the weights, as trtllm-serve and vLLM expect."""
+def exported_checkpoint(model_name: str, config_name: str, batches: torch.Tensor, tokenizer=None,
+                        device: str | None = None) -> tuple[Path, float | None]:
+    """The cached export if there is one, else BF16 model on `device` (None: the labs' policy, the GPU when there is one)
+    -> mtq.quantize -> export. Returns (folder, seconds spent, None when cached). The tokenizer is saved next to the
+    weights, as trtllm-serve and vLLM expect."""
     from .models import load_model
 
     folder, seconds = export_folder(model_name, config_name), None
     if not (folder / "hf_quant_config.json").exists():
         start = time.perf_counter()
-        model = load_model(model_name, dtype=torch.bfloat16)
+        model = load_model(model_name, dtype=torch.bfloat16, device=device)
         modelopt_quantize(model, config_name, batches)
         modelopt_export(model, folder)
+        del model
         seconds = round(time.perf_counter() - start, 1)
     if tokenizer is not None and not (folder / "tokenizer.json").exists():
         with atomic_folder(folder / ".tokenizer") as tmp:

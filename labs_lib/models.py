@@ -17,13 +17,15 @@ import torch
 
 from .errors import LabsError
 from .files import atomic_folder
+from .hardware import default_device, default_dtype
 from .network import hub_reachable
 
 EMBEDDED = "embedded:SmolLM2-135M-Instruct"
 HUB_TWIN = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model, original BF16 weights, on the Hub
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-__all__ = ["EMBEDDED", "HUB_TWIN", "default_model", "load_model", "load_tokenizer", "model_folder", "embedded_gguf_path", "cache_dir"]
+__all__ = ["EMBEDDED", "HUB_TWIN", "default_model", "load_model", "load_tokenizer", "model_config", "model_folder",
+           "embedded_gguf_path", "cache_dir"]
 
 
 def cache_dir() -> Path:
@@ -179,13 +181,25 @@ def load_tokenizer(name: str | None = None):
         return AutoTokenizer.from_pretrained(source)
 
 
-def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A causal LM in eval mode. None means `default_model()`; `EMBEDDED` is the packaged SmolLM2."""
-    from transformers import AutoModelForCausalLM
+def model_config(name: str | None = None):
+    """The model's transformers config: read from its config.json, no weights loaded."""
+    from transformers import AutoConfig
 
     label, source = _resolve(name)
     with _hub_errors(label):
+        return AutoConfig.from_pretrained(source)
+
+
+def load_model(name: str | None = None, dtype: torch.dtype | None = None, device: str | None = None):
+    """A causal LM in eval mode, loaded straight onto `device` in `dtype` (None: the labs' policy, BF16 on a GPU and
+    float32 on a CPU; see hardware.default_device). None means `default_model()`; `EMBEDDED` is the packaged SmolLM2."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    label, source = _resolve(name)
+    with _hub_errors(label):
         check_memory(_parameter_count(source), dtype, device)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device)
     model.name_or_label = label
-    return model.to(device).eval()
+    return model.eval()

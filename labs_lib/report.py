@@ -1,4 +1,5 @@
-"""Build results/REPORT.md from the labs' results files: headline numbers, tables, plots, run times."""
+"""Build results/REPORT.md from the labs' results files: one run per machine (CPU in results/, GPU in results/gpu/),
+side by side where both measured the same thing, then each lab's headline numbers, tables and plots."""
 
 from __future__ import annotations
 
@@ -9,50 +10,104 @@ from .evaluate import markdown_table
 from .files import write_atomic
 from .results import results_dir
 
-__all__ = ["build_report"]
+__all__ = ["build_report", "load_run", "side_by_side"]
+
+MACHINES = {"": "CPU", "gpu": "GPU"}  # sub-folder of results/ -> column name
 
 
-def _lab_section(record: dict, seconds: float | None) -> list[str]:
+def load_run(folder: Path) -> dict:
+    """A machine's run: its log (machine, profile, per-lab times) and its lab records, keyed by lab number."""
+    log = json.loads((folder / "run_log.json").read_text()) if (folder / "run_log.json").is_file() else {}
+    records = {}
+    for path in sorted(folder.glob("[0-9][0-9]*.json")):
+        record = json.loads(path.read_text())
+        if "headline" in record:  # a lab's own record, not a side file such as 06_fp8_gpu.json
+            records[record["lab"]] = record
+    return {"log": log, "records": records}
+
+
+def _perplexities(record: dict) -> dict[str, float]:
+    """Every perplexity a lab reports, by its structured key: headline entries named 'perplexity ...'."""
+    return {k: v for k, v in record["headline"].items() if "perplexity" in k and isinstance(v, (int, float))}
+
+
+def side_by_side(runs: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+    """(per-lab time and peak memory on each machine, perplexities measured under the same key on each machine)."""
+    labs = sorted({lab for run in runs.values() for lab in run["records"]} | {lab for run in runs.values()
+                                                                               for lab in run["log"].get("labs", {})})
+    times = []
+    for lab in labs:
+        row = {"lab": lab}
+        for name, run in runs.items():
+            entry, record = run["log"].get("labs", {}).get(lab, {}), run["records"].get(lab, {})
+            row[f"{name} s"] = entry.get("seconds", "")
+            row[f"{name} peak GB"] = record.get("peak_memory_gb", "")
+        times.append(row)
+    first, *others = runs
+    ppl = []
+    for lab in labs:
+        base = _perplexities(runs[first]["records"].get(lab, {"headline": {}}))
+        for key, value in base.items():
+            row = {"lab": lab, "measure": key, first: round(value, 3)}
+            for name in others:
+                other = _perplexities(runs[name]["records"].get(lab, {"headline": {}})).get(key)
+                row[name] = round(other, 3) if other is not None else ""
+                row[f"{name} vs {first} %"] = round(100 * (other / value - 1), 2) if other is not None else ""
+            ppl.append(row)
+    return times, ppl
+
+
+def _lab_section(record: dict, seconds: float | None, machine: str) -> list[str]:
     device = record["device"]
     where = device["name"] + (f" (compute capability {device['compute_capability']})" if device["compute_capability"] else "")
     lines = [
-        f"## Lab {record['lab']} · {record['title']}",
+        f"### Lab {record['lab']} · {record['title']} · {machine}",
         "",
         f"Profile **{record['profile']}** · model `{record['model']}` · corpus `{record['corpus']}` · "
-        f"{device['device']}: {where} · {record['date_utc']} UTC"
-        + (f" · ran in {seconds:.0f} s" if seconds is not None else ""),
+        f"{device['device']}: {where} · models in {record.get('dtype', 'float32')} · {record['date_utc']} UTC"
+        + (f" · ran in {seconds:.0f} s" if seconds is not None else "")
+        + (f" · peak memory {record['peak_memory_gb']:.2f} GB" if "peak_memory_gb" in record else ""),
         "",
     ]
     if record["headline"]:
         lines += [markdown_table([{"measure": k, "value": v} for k, v in record["headline"].items()]), ""]
     for name, rows in record["tables"].items():
         lines += [f"**{name}**", "", markdown_table(rows), ""]
-    lines += [f"![{fig}]({fig})" for fig in record["figures"]]
+    prefix = "gpu/" if machine == "GPU" else ""
+    lines += [f"![{fig}]({prefix}{fig})" for fig in record["figures"]]
     return lines + [""]
 
 
-def build_report(folder: Path | None = None) -> Path:
-    """Render every results/<lab>.json into results/REPORT.md (run times from run_log.json)."""
-    folder = Path(folder) if folder else results_dir()
-    records = [json.loads(p.read_text()) for p in sorted(folder.glob("[0-9][0-9]*.json"))]
-    records = [r for r in records if "headline" in r]  # a lab's own record, not a side file such as 06_fp8_gpu.json
-    run_log = json.loads((folder / "run_log.json").read_text()) if (folder / "run_log.json").is_file() else {}
-    if not records:
-        raise FileNotFoundError(f"no lab results in {folder}: run the labs first (make run)")
-    versions = records[-1]["versions"]
-    lines = [
-        "# Spark Quantization Labs · results",
-        "",
-        "Every number below was computed by the labs in `notebooks/` on the machine named in each section; "
-        "nothing is typed in by hand. Rebuild with `make run`.",
-        "",
-        "Libraries: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        "",
-    ]
-    if run_log:
-        lines += [markdown_table([{"lab": k, **v} for k, v in run_log.items()]), ""]
-    for record in records:
-        lines += _lab_section(record, run_log.get(record["lab"], {}).get("seconds"))
-    path = folder / "REPORT.md"
+def build_report(root: Path | None = None) -> Path:
+    """Render every machine's run under `root` (default: results/) into root/REPORT.md."""
+    root = Path(root) if root else results_dir()
+    root = root.parent if root.name in MACHINES and root.name else root
+    runs = {name: load_run(root / sub) for sub, name in MACHINES.items() if (root / sub).is_dir()}
+    runs = {name: run for name, run in runs.items() if run["records"]}
+    if not runs:
+        raise FileNotFoundError(f"no lab results in {root}: run the labs first (make run)")
+    versions = next(iter(runs["CPU" if "CPU" in runs else next(iter(runs))]["records"].values()))["versions"]
+    lines = ["# Spark Quantization Labs · results", "",
+             "Every number below was computed by the labs in `notebooks/` on the machine named in each section; nothing "
+             "is typed in by hand. Each machine's section is one run of `make run` (`python -m labs_lib.run_labs`): "
+             "quick profile on a CPU, full on a GPU.", "",
+             "Libraries (CPU run): " + ", ".join(f"{k} {v}" for k, v in versions.items()), "", "## The runs", ""]
+    lines += [markdown_table([{"machine": name, "device": run["log"].get("machine", {}).get("name", ""),
+                               "profile": run["log"].get("profile", ""), "started (UTC)": run["log"].get("started_utc", ""),
+                               "wall s": run["log"].get("wall_s", ""),
+                               "labs ok": sum(v["status"] == "ok" for v in run["log"].get("labs", {}).values())}
+                              for name, run in runs.items()]), ""]
+    times, ppl = side_by_side(runs)
+    lines += ["## Time and peak memory per lab", "", markdown_table(times), ""]
+    if len(runs) > 1:
+        lines += ["## The same perplexities on each machine", "",
+                  "Profiles differ (CPU quick, GPU full: more calibration and evaluation tokens), and so do dtypes "
+                  "(float32 on the CPU, BF16 on the GPU); the GPU-quick run, where present, uses the CPU's exact tokens.",
+                  "", markdown_table(ppl), ""]
+    for name, run in runs.items():
+        lines += [f"## {name} run", ""]
+        for lab, record in run["records"].items():
+            lines += _lab_section(record, run["log"].get("labs", {}).get(lab, {}).get("seconds"), name)
+    path = root / "REPORT.md"
     write_atomic(path, "\n".join(lines).encode())
     return path

@@ -11,7 +11,7 @@ import platform
 from pathlib import Path
 
 from .files import write_atomic
-from .hardware import device_info
+from .hardware import device_info, peak_memory_bytes
 from .lab import LabConfig
 
 LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "gptqmodel", "gguf", "llama_cpp_python", "torchao",
@@ -77,6 +77,8 @@ def save_results(cfg: LabConfig, headline: dict, tables: dict[str, list[dict]] |
         "model": cfg.model,
         "corpus": cfg.corpus,
         "device": device_info(),
+        "dtype": str(cfg.dtype).removeprefix("torch."),
+        "peak_memory_gb": round(peak_memory_bytes(cfg.device) / 1e9, 3),
         "versions": library_versions(),
         "headline": headline,
         "tables": tables or {},

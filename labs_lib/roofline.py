@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Hardware", "HARDWARE", "MODEL_PARAMS", "DecodeShape", "LLAMA_3_1_8B", "LLAMA_3_1_70B", "SPARK_PUBLISHED", "weight_bytes",
+from .sizing import SHAPES, ModelShape
+
+__all__ = ["Hardware", "HARDWARE", "MODEL_PARAMS", "LLAMA_3_1_8B", "LLAMA_3_1_70B", "SPARK_PUBLISHED", "weight_bytes",
            "decode_ceiling_tokens_per_s", "decode_bytes_per_token", "gguf_bytes_per_token", "roofline_plot"]
 
 
@@ -45,33 +47,9 @@ def decode_ceiling_tokens_per_s(bytes_per_token: float, bandwidth_gb_s: float) -
     return bandwidth_gb_s * 1e9 / bytes_per_token
 
 
-@dataclass(frozen=True)
-class DecodeShape:
-    """The sizes of a Llama-family decoder that set how many bytes one decode step reads."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def linear_params(self) -> int:
-        """Parameters of the quantizable Linear layers (q, k, v, o, gate, up, down), lm_head not included."""
-        d = self.head_dim
-        per_layer = self.hidden * (self.heads + 2 * self.kv_heads) * d + self.heads * d * self.hidden + 3 * self.hidden * self.intermediate
-        return self.layers * per_layer
-
-
-# config.json of meta-llama/Llama-3.1-8B (https://huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json)
-LLAMA_3_1_8B = DecodeShape(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256)
-# config.json of meta-llama/Llama-3.1-70B (https://huggingface.co/meta-llama/Llama-3.1-70B/blob/main/config.json)
-LLAMA_3_1_70B = DecodeShape(hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=28672, vocab=128256)
+# Llama-3.1 shapes from their config.json files (labs_lib.sizing.SHAPES)
+LLAMA_3_1_8B = SHAPES["Llama-3.1-8B"]
+LLAMA_3_1_70B = SHAPES["Llama-3.1-70B"]
 
 # NVIDIA's published DGX Spark decode speeds, batch 1, 2048 input / 128 output tokens, TensorRT-LLM:
 # "How NVIDIA DGX Spark's Performance Enables Intensive AI Tasks", NVIDIA Technical Blog, Oct 2025,
@@ -83,7 +61,7 @@ SPARK_PUBLISHED = [
 ]
 
 
-def decode_bytes_per_token(shape: DecodeShape, linear_bits: float, head_bits: float = 16, context: int = 0,
+def decode_bytes_per_token(shape: ModelShape, linear_bits: float, head_bits: float = 16, context: int = 0,
                            kv_bits: float = 16) -> float:
     """Bytes one batch-1 decode step reads: the Linear weights at `linear_bits` (scales included), lm_head at
     `head_bits` (exports keep it in BF16), one embedding row, and K and V for `context` cached tokens."""

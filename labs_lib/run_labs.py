@@ -1,47 +1,69 @@
 """The main job: execute every lab headlessly with papermill, then build results/REPORT.md.
 
-    python -m labs_lib.run_labs [--profile full] [--model ID_OR_PATH] [--labs 01 02]
+    python -m labs_lib.run_labs [--profile quick|full] [--model ID_OR_PATH] [--labs 01 02]
+
+The profile follows the device (quick on a CPU, full on a GPU) unless given. A CPU run writes results/ and
+results/executed/; a GPU run writes results/gpu/ and results/executed-gpu/, so the report holds one run per machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from .report import build_report
 from .files import write_atomic
-from .results import results_dir
+from .hardware import default_device, device_info
+from .lab import default_profile
+from .report import build_report
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
 
 
-def run(profile: str, model: str | None, labs: list[str] | None) -> int:
+def machine_folders(device: str) -> tuple[Path, Path]:
+    """(results folder, executed-notebook folder) of a run on `device`; $LABS_RESULTS_DIR overrides the first."""
+    results = Path(os.environ["LABS_RESULTS_DIR"]) if os.environ.get("LABS_RESULTS_DIR") else (
+        REPO / "results" / ("gpu" if device == "cuda" else ""))
+    return results, REPO / "results" / ("executed-gpu" if device == "cuda" else "executed")
+
+
+def run(profile: str | None, model: str | None, labs: list[str] | None) -> int:
+    """Execute the labs (all, or `labs`) in one process; log each lab's status, wall time and the run's machine."""
     import papermill
 
-    out_dir = results_dir() / "executed"
-    out_dir.mkdir(exist_ok=True)
-    log_path = results_dir() / "run_log.json"
-    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
-    failures = 0
-    parameters = {"PROFILE": profile} | ({"MODEL": model} if model else {})
+    device = default_device()
+    profile = profile or default_profile()
+    results, executed = machine_folders(device)
+    results.mkdir(parents=True, exist_ok=True)
+    executed.mkdir(parents=True, exist_ok=True)
+    # the kernels read these, exactly as a learner's notebook does: no injected parameter cell
+    os.environ.update({"LABS_PROFILE": profile, "LABS_RESULTS_DIR": str(results)} | ({"LABS_MODEL": model} if model else {}))
+    log_path = results / "run_log.json"
+    previous = json.loads(log_path.read_text()) if labs and log_path.is_file() else {}
+    log = {"machine": device_info(), "profile": profile, "started_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+           "labs": previous.get("labs", {})}
+    failures, start_all = 0, time.perf_counter()
     for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):
         lab = nb.name[:2]
         if labs and lab not in labs:
             continue
-        print(f"== lab {lab}: {nb.name} (profile {profile})", flush=True)
+        print(f"== lab {lab}: {nb.name} (profile {profile}, {device})", flush=True)
         start = time.perf_counter()
         try:
-            papermill.execute_notebook(str(nb), str(out_dir / nb.name), parameters=parameters, cwd=str(NOTEBOOKS), progress_bar=False)
+            papermill.execute_notebook(str(nb), str(executed / nb.name), cwd=str(NOTEBOOKS), progress_bar=False)
             status = "ok"
         except Exception as exc:  # keep going: the report says which lab failed and where
             status = f"failed: {type(exc).__name__}"
             failures += 1
             print(exc, file=sys.stderr)
         seconds = round(time.perf_counter() - start, 1)
-        log[lab] = {"notebook": nb.name, "profile": profile, "status": status, "seconds": seconds}
+        log["labs"][lab] = {"notebook": nb.name, "status": status, "seconds": seconds}
+        log["wall_s"] = round(time.perf_counter() - start_all, 1)
         write_atomic(log_path, json.dumps(log, indent=1).encode())
         print(f"   {status} in {seconds} s", flush=True)
     print(f"report: {build_report()}")
@@ -50,7 +72,7 @@ def run(profile: str, model: str | None, labs: list[str] | None) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="full", choices=["quick", "full"])
+    parser.add_argument("--profile", default=None, choices=["quick", "full"], help="default: full on a GPU, quick on a CPU")
     parser.add_argument("--model", default=None, help="Hugging Face id or local folder (default: LABS_MODEL or the embedded model)")
     parser.add_argument("--labs", nargs="*", help="two-digit lab numbers to run (default: all)")
     args = parser.parse_args()

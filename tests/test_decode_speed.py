@@ -4,15 +4,16 @@ import pytest
 import torch
 
 from labs_lib.decode_speed import DecodeModel, time_decode
-from labs_lib.roofline import (HARDWARE, LLAMA_3_1_8B, SPARK_PUBLISHED, DecodeShape, decode_bytes_per_token,
+from labs_lib.roofline import (HARDWARE, LLAMA_3_1_8B, SPARK_PUBLISHED, decode_bytes_per_token,
                                decode_ceiling_tokens_per_s, gguf_bytes_per_token)
+from labs_lib.sizing import ModelShape
 
 
 def test_static_cache_decode_matches_transformers():
     """Same weights, same greedy tokens: RoPE layout, GQA, the KV cache and the norms are all right."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = DecodeShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97)
+    shape = ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=97)
     config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=128, vocab_size=97, rms_norm_eps=1e-5, rope_theta=10000.0,
                          tie_word_embeddings=False)
@@ -39,7 +40,7 @@ def test_static_cache_decode_matches_transformers():
 
 
 def test_cpu_timing_row():
-    model = DecodeModel(DecodeShape(64, 2, 4, 2, 128, 97), max_len=32, device="cpu", dtype=torch.float32)
+    model = DecodeModel(ModelShape(64, 2, 4, 2, 128, 97), max_len=32, device="cpu", dtype=torch.float32)
     row = time_decode(model, "eager", tokens=3, context=4)
     assert row["ms/token"] > 0 and row["GB read/token"] == pytest.approx(
         (model.weight_bytes_per_token() + model.kv_bytes_per_token(4)) / 1e9, abs=1e-3)

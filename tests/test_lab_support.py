@@ -63,3 +63,22 @@ def test_atomic_writes_leave_nothing_half_written(tmp_path):
     with atomic_folder(tmp_path / "export") as tmp:
         (tmp / "done").write_text("ok")
     assert (tmp_path / "export" / "done").read_text() == "ok"
+
+
+def test_report_puts_machines_side_by_side(tmp_path, monkeypatch):
+    from labs_lib.report import build_report, side_by_side, load_run
+    from labs_lib.results import save_results
+
+    for sub, ppl, seconds in (("", 12.5, 40.0), ("gpu", 12.6, 4.0)):
+        folder = tmp_path / sub
+        folder.mkdir(exist_ok=True)
+        monkeypatch.setenv("LABS_RESULTS_DIR", str(folder))
+        cfg = setup_lab("98", "Report test", profile="quick")
+        save_results(cfg, {"perplexity reference": ppl})
+        (folder / "run_log.json").write_text(json.dumps({"profile": "quick", "labs": {"98": {"status": "ok", "seconds": seconds}}}))
+    times, ppl = side_by_side({"CPU": load_run(tmp_path), "GPU": load_run(tmp_path / "gpu")})
+    assert times == [{"lab": "98", "CPU s": 40.0, "CPU peak GB": times[0]["CPU peak GB"], "GPU s": 4.0,
+                      "GPU peak GB": times[0]["GPU peak GB"]}] and times[0]["CPU peak GB"] > 0
+    assert ppl == [{"lab": "98", "measure": "perplexity reference", "CPU": 12.5, "GPU": 12.6, "GPU vs CPU %": 0.8}]
+    report = build_report(tmp_path / "gpu").read_text()  # a GPU run writes the one report of both machines
+    assert "## CPU run" in report and "## GPU run" in report and "![figures" not in report

@@ -1,0 +1,123 @@
+"""Sizes from a model's config alone: parameters, checkpoint bytes per format, and what each lab needs in memory.
+
+A quantized checkpoint stores the decoder's Linear weights in the format and keeps the embedding, an untied
+lm_head and the norms in BF16 (Model Optimizer's and llm-compressor's defaults). For Llama-3.1-8B those kept
+tensors are 13% of the parameters, so NVFP4 makes the checkpoint about 2.7x smaller, not 16 / 4.5 = 3.56x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .blockquant import MXFP4, NVFP4, IntGroup, PerTensor, Scheme
+from .errors import LabsError
+
+__all__ = ["ModelShape", "SHAPES", "FORMATS", "checkpoint_bytes", "LAB_COPIES", "lab_memory_plan", "SPARK_MEMORY_GB"]
+
+SPARK_MEMORY_GB = 128  # DGX Spark: 128 GB LPDDR5x shared by CPU and GPU (nvidia.com/en-us/products/workstations/dgx-spark/)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a Llama-family decoder (Llama, Mistral, Qwen2/3, SmolLM) that set its bytes and FLOPs."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool = False  # lm_head shares the embedding (SmolLM2, Llama-3.2-1B) or is its own tensor (Llama-3.1-8B)
+    head_size: int | None = None  # when the config sets head_dim apart from hidden / heads (Qwen3)
+    qk_norm: bool = False  # Qwen3 normalises q and k per head
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_size or self.hidden // self.heads
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(out, in) of the quantizable Linears of one decoder layer: q, k, v, o, gate, up, down."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters of the quantizable Linear layers, lm_head not included."""
+        return self.layers * sum(o * i for o, i in self.linear_shapes())
+
+    @property
+    def kept_params(self) -> int:
+        """Parameters a quantized checkpoint keeps in 16 bits: embedding, untied lm_head, norms."""
+        norms = self.layers * (2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)) + self.hidden
+        return self.vocab * self.hidden * (1 if self.tied else 2) + norms
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.kept_params
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        """From a transformers config (or its dict) of a Llama-style decoder."""
+        get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+        try:
+            heads = get("num_attention_heads")
+            head_dim = get("head_dim")
+            return cls(hidden=get("hidden_size"), layers=get("num_hidden_layers"), heads=heads,
+                       kv_heads=get("num_key_value_heads") or heads, intermediate=get("intermediate_size"),
+                       vocab=get("vocab_size"), tied=bool(get("tie_word_embeddings", False)),
+                       head_size=head_dim if head_dim and head_dim != get("hidden_size") // heads else None,
+                       qk_norm=get("model_type") == "qwen3")
+        except TypeError:
+            raise LabsError(f"config of model type '{get('model_type')}' lacks a Llama-style field "
+                            "(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, vocab_size).") from None
+
+
+# From each model's config.json on huggingface.co (the repository named in the comment).
+SHAPES: dict[str, ModelShape] = {
+    # meta-llama/Llama-3.1-8B
+    "Llama-3.1-8B": ModelShape(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256),
+    # Qwen/Qwen3-14B (head_dim 128, q/k norms, untied lm_head)
+    "Qwen3-14B": ModelShape(hidden=5120, layers=40, heads=40, kv_heads=8, intermediate=17408, vocab=151936,
+                            qk_norm=True),
+    # meta-llama/Llama-3.1-70B
+    "Llama-3.1-70B": ModelShape(hidden=8192, layers=80, heads=64, kv_heads=8, intermediate=28672, vocab=128256),
+}
+
+# The weight formats a checkpoint can take, each as the labs_lib scheme that counts its bytes (scales included).
+FORMATS: dict[str, Scheme | None] = {
+    "bf16": None,
+    "fp8": PerTensor("fp8_e4m3"),
+    "nvfp4": NVFP4(),
+    "mxfp4": MXFP4(),
+    "int4_g128": IntGroup(4, 128, symmetric=False),
+}
+
+
+def checkpoint_bytes(shape: ModelShape, fmt: str) -> dict[str, float]:
+    """Bytes of a checkpoint whose decoder Linears are in `fmt` and whose other tensors are BF16."""
+    if fmt not in FORMATS:
+        raise LabsError(f"Unknown format '{fmt}': use one of {', '.join(FORMATS)}.")
+    scheme = FORMATS[fmt]
+    per_layer = sum(o * i * 2 if scheme is None else scheme.storage_bytes((o, i)) for o, i in shape.linear_shapes())
+    quantized, kept = shape.layers * per_layer, shape.kept_params * 2
+    bf16_total = shape.params * 2
+    return {"quantized_bytes": quantized, "kept_bytes": kept, "total_bytes": quantized + kept,
+            "ratio_vs_bf16": bf16_total / (quantized + kept)}
+
+
+# The most model copies a lab holds at once: the base model and the variant being measured (2), except these.
+LAB_COPIES = {"01": 1}
+
+
+def lab_memory_plan(shape: ModelShape, lab: str, bytes_per_param: int = 2, calib_samples: int = 128,
+                    seq_len: int = 512, window: int = 1024, eval_batch: int = 4) -> dict[str, float]:
+    """Bytes a lab needs for a model: its model copies, the calibration activations of one layer (inputs and
+    outputs, kept for the layer-by-layer methods) and the float32 logits of one evaluation batch."""
+    copies = LAB_COPIES.get(lab, 2)
+    weights = shape.params * bytes_per_param
+    activations = 2 * calib_samples * seq_len * shape.hidden * bytes_per_param
+    logits = 2 * eval_batch * window * shape.vocab * 4  # logits in float32 and their log-softmax
+    total = copies * weights + activations + logits
+    return {"weights_bytes": weights, "copies": copies, "activation_bytes": activations,
+            "logit_bytes": logits, "total_bytes": total}
