@@ -45,6 +45,11 @@ class LabConfig:
     memory_plan: dict = field(default_factory=dict)  # labs_lib.sizing.lab_memory_plan for this model, in bytes
 
     @property
+    def dtype_label(self) -> str:
+        """The reference model's dtype as the labs print it: FP32 on a CPU, BF16 on a GPU."""
+        return {torch.float32: "FP32", torch.bfloat16: "BF16", torch.float16: "FP16"}[self.dtype]
+
+    @property
     def placement(self) -> dict:
         """dtype and device for `load_model(cfg.model, **cfg.placement)` and other entry points."""
         return {"dtype": self.dtype, "device": self.device}

@@ -102,7 +102,10 @@ def test_gptq_step_solution_equals_labs_lib_gptq_on_a_whole_weight():
     W, H = exercises._gptq_problem(8, 16, seed=5)
     ours = exercises._run_gptq_steps(exercises.gptq_step_solution, W.clone(), H)
     assert torch.allclose(ours, exercises._gptq_loop_reference(W, H), atol=1e-4)
-    no_feedback = exercises._run_gptq_steps(lambda W, U, i, q: W.index_copy(1, torch.tensor([i]), q[:, None]), W.clone(), H)
+    def no_feedback_step(W, U, i, q):
+        return W.index_copy(1, torch.tensor([i]), q[:, None])
+
+    no_feedback = exercises._run_gptq_steps(no_feedback_step, W.clone(), H)
     assert not torch.allclose(no_feedback, exercises._gptq_loop_reference(W, H), atol=1e-4)
 
 
