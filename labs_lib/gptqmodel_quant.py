@@ -94,6 +94,12 @@ def load_quantized_checkpoint(folder: Path, device: str | None = None):
     """A GPTQ/AWQ checkpoint loaded by transformers itself (the way a user would deploy it), on `device`
     (None: the labs' policy, the GPU when there is one, where GPTQModel picks its CUDA kernels)."""
     require_gptqmodel()
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GPTQConfig
 
-    return AutoModelForCausalLM.from_pretrained(folder, device_map=device or default_device()).eval()
+    device = device or default_device()
+    run = json.loads((Path(folder) / "labs_run.json").read_text())
+    # On CUDA GPTQModel's automatic choice is Hopper's Machete kernel, which needs every out_features divisible by 128
+    # (SmolLM2's k/v projections are 192 wide: it refused on an H200); its Triton kernel takes any width.
+    triton = device == "cuda" and run["method"] == "gptq"
+    kernel = {"quantization_config": GPTQConfig(bits=4, backend="gptq_triton")} if triton else {}
+    return AutoModelForCausalLM.from_pretrained(folder, device_map=device, **kernel).eval()
