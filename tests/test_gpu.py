@@ -148,14 +148,29 @@ def test_bf16_perplexity_on_gpu_agrees_with_float32_on_cpu():
 
 @pytest.mark.parametrize("scheme", ["NVFP4", "MXFP4", "INT4"])
 def test_fake_quantized_weights_on_gpu_equal_the_cpu(scheme):
+    """Codes and block scales are identical on both devices. On an H200 two things differ, measured: CUDA divides a
+    tensor by a Python scalar through its reciprocal, so NVFP4's FP32 tensor scale (amax / 2688) can be one ulp off
+    the CPU's (every dequantized value then moves by that ulp), and INT4 moved 115 of 1,572,864 codes at ties."""
     from labs_lib.blockquant import MXFP4, IntGroup
     from labs_lib.fake_quant import fake_quantized_copy, linear_layers
 
     chosen = {"NVFP4": NVFP4(), "MXFP4": MXFP4(), "INT4": IntGroup(4, 64, symmetric=False)}[scheme]
     model = tiny_llama()
     cpu, gpu = fake_quantized_copy(model, chosen), fake_quantized_copy(model.cuda(), chosen)
-    for (name, a), b in zip(linear_layers(cpu).items(), linear_layers(gpu).values()):
-        assert torch.equal(a.weight, b.weight.cpu()), name
+    pairs = list(zip(linear_layers(cpu).values(), linear_layers(gpu).values()))
+    total = sum(a.weight.numel() for a, _ in pairs)
+    if scheme == "NVFP4":
+        for a, b in pairs:
+            torch.testing.assert_close(b.weight.cpu(), a.weight, rtol=2**-23, atol=0)  # one ulp of the tensor scale
+        for layer in linear_layers(model).values():  # the stored tensors: codes and E4M3 block scales identical
+            w = layer.weight.detach()
+            ours, theirs = NVFP4().quantize(w.cpu()), NVFP4().quantize(w)
+            assert torch.equal(ours["weight"], theirs["weight"].cpu())
+            assert torch.equal(ours["weight_scale"].view(torch.uint8), theirs["weight_scale"].cpu().view(torch.uint8))
+    else:
+        differ = sum((a.weight != b.weight.cpu()).sum().item() for a, b in pairs)
+        print(f"{scheme}: {differ} of {total} rounded weights differ between the GPU and the CPU")
+        assert differ <= 1e-3 * total
 
 
 def test_model_optimizer_mxfp4_forward_runs_on_cuda():
