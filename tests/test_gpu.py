@@ -161,7 +161,8 @@ def test_fake_quantized_weights_on_gpu_equal_the_cpu(scheme):
     total = sum(a.weight.numel() for a, _ in pairs)
     if scheme == "NVFP4":
         for a, b in pairs:
-            torch.testing.assert_close(b.weight.cpu(), a.weight, rtol=2**-23, atol=0)  # one ulp of the tensor scale
+            # the tensor scale one ulp off, then the product rounded
+            torch.testing.assert_close(b.weight.cpu(), a.weight, rtol=2**-22, atol=0)
         for layer in linear_layers(model).values():  # the stored tensors: codes and E4M3 block scales identical
             w = layer.weight.detach()
             ours, theirs = NVFP4().quantize(w.cpu()), NVFP4().quantize(w)

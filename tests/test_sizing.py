@@ -54,3 +54,12 @@ def test_memory_plan_counts_model_copies():
     assert two["total_bytes"] - one["total_bytes"] == pytest.approx(shape.params * 2)
     with pytest.raises(LabsError, match="Unknown format"):
         checkpoint_bytes(shape, "int3")
+
+
+def test_study_guide_memory_table_is_the_computed_one():
+    from pathlib import Path
+
+    from labs_lib.sizing import markdown_plan
+
+    guide = (Path(__file__).resolve().parents[1] / "STUDY_GUIDE.md").read_text()
+    assert markdown_plan() in guide  # regenerate with: python -m labs_lib.sizing
