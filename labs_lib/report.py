@@ -113,7 +113,9 @@ def build_report(root: Path | None = None) -> Path:
     lines += [markdown_table([{"machine": name, "device": run["log"].get("machine", {}).get("name", ""),
                                "profile": run["log"].get("profile", ""),
                                "started (UTC)": run["log"].get("started_utc", ""),
-                               "wall s": run["log"].get("wall_s", ""),
+                               "lab time s": round(sum(v["seconds"] for v in run["log"].get("labs", {}).values())),
+                               "reruns": "; ".join(f"{', '.join(r['labs'])} at {r['started_utc']}"
+                                                   for r in run["log"].get("reruns", [])),
                                "labs ok": sum(v["status"] == "ok" for v in run["log"].get("labs", {}).values())}
                               for name, run in runs.items()]), ""]
     times, ppl = side_by_side(runs)

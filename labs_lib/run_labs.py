@@ -50,8 +50,11 @@ def run(profile: str | None, model: str | None, labs: list[str] | None) -> int:
     log_path = results / "run_log.json"
     previous = json.loads(log_path.read_text()) if labs and log_path.is_file() else {}
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    log = {"machine": device_info(), "profile": profile, "started_utc": started, "labs": previous.get("labs", {})}
-    failures, start_all = 0, time.perf_counter()
+    log = {"machine": device_info(), "profile": profile, "started_utc": previous.get("started_utc", started),
+           "labs": previous.get("labs", {})}
+    if previous:  # a rerun of some labs joins the machine's run, and says so
+        log["reruns"] = previous.get("reruns", []) + [{"labs": labs, "started_utc": started}]
+    failures = 0
     for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):
         lab = nb.name[:2]
         if labs and lab not in labs:
@@ -68,7 +71,6 @@ def run(profile: str | None, model: str | None, labs: list[str] | None) -> int:
         seconds = round(time.perf_counter() - start, 1)
         log["labs"][lab] = {"notebook": nb.name, "status": status, "seconds": seconds}
         print(f"   {status} in {seconds} s", flush=True)
-    log["wall_s"] = round(time.perf_counter() - start_all, 1)
     # written once the run ends, so each lab's header shows the last complete run's times, not a half-written log
     write_atomic(log_path, json.dumps(log, indent=1).encode())
     print(f"report: {build_report()}")
