@@ -71,7 +71,8 @@ def fp4_status() -> str:
     gpu = f"{info['name']} (compute capability {info['compute_capability']})"
     where = "this CPU" if info["device"] == "cpu" else gpu
     return (f"Native FP4: no on {where}; FP4 tensor cores need Blackwell (compute capability 10.x or 12.x). "
-            "FP4 is emulated here: values are rounded to the exact FP4 grid and multiplied in float32, "
+            "FP4 is emulated here: values are rounded to the exact FP4 grid and multiplied in the lab's dtype "
+            "(float32 on a CPU, BF16 on a GPU), "
             "so accuracy and sizes are real but speed is not.")
 
 

