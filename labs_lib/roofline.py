@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from .sizing import SHAPES, ModelShape
 
-__all__ = ["Hardware", "HARDWARE", "MODEL_PARAMS", "LLAMA_3_1_8B", "LLAMA_3_1_70B", "SPARK_PUBLISHED", "weight_bytes",
-           "decode_ceiling_tokens_per_s", "decode_bytes_per_token", "gguf_bytes_per_token", "roofline_plot"]
+__all__ = ["Hardware", "HARDWARE", "LLAMA_3_1_8B", "LLAMA_3_1_70B", "SPARK_PUBLISHED", "decode_ceiling_tokens_per_s",
+           "decode_bytes_per_token", "gguf_bytes_per_token", "roofline_plot"]
 
 
 @dataclass(frozen=True)
@@ -29,17 +29,6 @@ HARDWARE = {
     "h100_sxm": Hardware("H100 SXM (80 GB HBM3)", 80, 3350, "https://www.nvidia.com/en-us/data-center/h100/"),
     "h200_sxm": Hardware("H200 SXM (141 GB HBM3e)", 141, 4800, "https://www.nvidia.com/en-us/data-center/h200/"),
 }
-
-
-# parameter counts from the model cards (safetensors metadata) on huggingface.co
-MODEL_PARAMS = {
-    "Llama-3.1-8B": (8.03e9, "https://huggingface.co/meta-llama/Llama-3.1-8B"),
-    "Llama-3.1-70B": (70.6e9, "https://huggingface.co/meta-llama/Llama-3.1-70B"),
-}
-
-
-def weight_bytes(n_params: float, bits_per_weight: float) -> float:
-    return n_params * bits_per_weight / 8
 
 
 def decode_ceiling_tokens_per_s(bytes_per_token: float, bandwidth_gb_s: float) -> float:
