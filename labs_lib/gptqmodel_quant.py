@@ -71,10 +71,10 @@ def gptqmodel_quantize(model_name: str, method: str, scheme: IntGroup, batches: 
     common = dict(bits=scheme.bits, group_size=scheme.group_size or -1, sym=scheme.symmetric, desc_act=False)
     if method == "gptq":
         config = QuantizeConfig(**common, act_group_aware=False, damp_percent=damp, true_sequential=False)
-        backend = BACKEND.AUTO
+        backend = BACKEND.GPTQ_TRITON if cuda else BACKEND.AUTO
     else:
         config = QuantizeConfig(**common, quant_method=METHOD.AWQ)
-        backend = BACKEND.AUTO if cuda else BACKEND.AWQ_TORCH  # its default CPU kernel cannot run AWQ
+        backend = BACKEND.AWQ_GEMM_TRITON if cuda else BACKEND.AWQ_TORCH  # its default CPU kernel cannot run AWQ
     dtype = torch.bfloat16 if cuda or method == "awq" else torch.float32  # its AWQ packer refuses float32
     print(f"GPTQModel: quantizing {model_name} ({method.upper()} {scheme.name}) on {len(batches)} sequences...")
     start = time.perf_counter()
@@ -94,12 +94,15 @@ def load_quantized_checkpoint(folder: Path, device: str | None = None):
     """A GPTQ/AWQ checkpoint loaded by transformers itself (the way a user would deploy it), on `device`
     (None: the labs' policy, the GPU when there is one, where GPTQModel picks its CUDA kernels)."""
     require_gptqmodel()
-    from transformers import AutoModelForCausalLM, GPTQConfig
+    from transformers import AutoModelForCausalLM, AwqConfig, GPTQConfig
 
     device = device or default_device()
     run = json.loads((Path(folder) / "labs_run.json").read_text())
-    # On CUDA GPTQModel's automatic choice is Hopper's Machete kernel, which needs every out_features divisible by 128
-    # (SmolLM2's k/v projections are 192 wide: it refused on an H200); its Triton kernel takes any width.
-    triton = device == "cuda" and run["method"] == "gptq"
-    kernel = {"quantization_config": GPTQConfig(bits=4, backend="gptq_triton")} if triton else {}
+    kernel = {}
+    if device == "cuda":
+        # GPTQModel's automatic choice on Hopper is its Machete kernel, which needs every out_features divisible by 128
+        # (SmolLM2's k/v projections are 192 wide: it refused on an H200); the Triton kernels take widths of 32 | 8.
+        config = GPTQConfig(bits=4, backend="gptq_triton") if run["method"] == "gptq" else \
+            AwqConfig(bits=4, backend="gemm_triton")
+        kernel = {"quantization_config": config}
     return AutoModelForCausalLM.from_pretrained(folder, device_map=device, **kernel).eval()

@@ -93,6 +93,35 @@ def test_gptq_and_awq_on_cuda_match_the_cpu(method):
         assert differ < 0.02, (name, differ)
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_gptqmodel_checkpoint_reloads_on_cuda_with_192_wide_projections(tmp_path, method, tokenizer):
+    """GPTQModel's GPTQ and AWQ on CUDA, reloaded by transformers on its Triton kernels: k/v projections 192 wide
+    (as SmolLM2's, which Hopper's Machete kernel refuses), logits close to the float model's."""
+    pytest.importorskip("gptqmodel")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from labs_lib.blockquant import IntGroup
+    from labs_lib.gptqmodel_quant import gptqmodel_quantize, load_quantized_checkpoint
+
+    config = LlamaConfig(hidden_size=384, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=3, vocab_size=len(tokenizer), architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    batches = torch.randint(0, len(tokenizer), (8, 128), generator=torch.Generator().manual_seed(0))
+    run = gptqmodel_quantize(str(tmp_path / "model"), method, IntGroup(4, 64, symmetric=False), batches)
+    library = load_quantized_checkpoint(run.folder, device="cuda")
+    reference = LlamaForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.bfloat16).cuda().eval()
+    kernels = {type(m).__name__ for m in library.modules() if type(m).__module__.startswith("gptqmodel.nn_modules")}
+    with torch.inference_mode():
+        probe = batches[:2].cuda()
+        ref, out = reference(probe).logits.float(), library(probe).logits.float()
+    error = ((out - ref).norm() / ref.norm()).item()
+    print(f"{method}: kernels {sorted(kernels)}, relative logit error {error:.4f}")
+    assert kernels == {"TritonV2Linear" if method == "gptq" else "AwqGEMMTritonLinear"}
+    assert error < 0.2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs FP8 tensor cores")
 def test_fp8_linear_on_fp8_tensor_cores_matches_the_cpu_emulation():
