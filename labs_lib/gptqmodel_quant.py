@@ -74,7 +74,7 @@ def gptqmodel_quantize(model_name: str, method: str, scheme: IntGroup, batches: 
         backend = BACKEND.GPTQ_TRITON if cuda else BACKEND.AUTO
     else:
         config = QuantizeConfig(**common, quant_method=METHOD.AWQ)
-        backend = BACKEND.AWQ_GEMM_TRITON if cuda else BACKEND.AWQ_TORCH  # its default CPU kernel cannot run AWQ
+        backend = BACKEND.AWQ_TORCH  # packs on any device (AUTO on a CPU cannot run AWQ; its Triton kernel cannot pack)
     dtype = torch.bfloat16 if cuda or method == "awq" else torch.float32  # its AWQ packer refuses float32
     print(f"GPTQModel: quantizing {model_name} ({method.upper()} {scheme.name}) on {len(batches)} sequences...")
     start = time.perf_counter()
