@@ -267,15 +267,14 @@ def _is_number(value: Any) -> bool:
 
 def _source_problems(s: CalibrationSource) -> list[tuple[str, str]]:
     """(field, what is wrong and what to do) for each problem of a source that shows without reading its data."""
-    problems = [(k, f"must be text, got {getattr(s, k)!r}") for k in ("name", "path", "split", "subset", "text_column",
-                                                                       "formatter")
+    text_fields = ("name", "path", "split", "subset", "text_column", "formatter")
+    problems = [(k, f"must be text, got {getattr(s, k)!r}") for k in text_fields
                 if getattr(s, k) is not None and not isinstance(getattr(s, k), str)]
     if problems:
         return problems
-    if (s.name is None) == (s.path is None):
-        field_name = "name" if s.name is not None else "source"
-        return [(field_name, "give exactly one of `name` (a Hub dataset id or an embedded corpus) and `path` (a local "
-                             "file or folder)")]
+    if (s.name is None) == (s.path is None):  # both: point at `path`; neither: at the source itself ("")
+        return [("path" if s.path is not None else "", "give exactly one of `name` (a Hub dataset id or an embedded "
+                                                       "corpus) and `path` (a local file or folder)")]
     if not _is_number(s.weight) or s.weight <= 0:
         problems.append(("weight", f"must be a positive number (its share of the samples), got {s.weight!r}"))
     if s.formatter not in FORMATTERS:
@@ -340,7 +339,7 @@ def _check(spec: CalibrationSpec) -> None:
         raise LabsError(f"Calibration setting {key}: {problem}.")
     for source in spec.sources:
         for key, problem in _source_problems(source):
-            raise LabsError(f"{_where(source)}: {key}: {problem}.")
+            raise LabsError(f"{_where(source)}: {key + ': ' if key else ''}{problem}.")
 
 
 # ---------------------------------------------------------------- YAML with line numbers
@@ -364,6 +363,8 @@ def _parse_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         return yaml.safe_load(text), yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
+        if mark is not None and mark.index >= len(text.rstrip()):  # at the end of the file: where the open part began
+            mark = getattr(exc, "context_mark", None) or mark
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise LabsError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}): fix the syntax "
                         "there.") from None
@@ -379,7 +380,7 @@ def _source_from_yaml(path: Path, item: Any, node: yaml.Node, index: int) -> Cal
                               f"unknown key; a source takes {', '.join(_SOURCE_KEYS)}")
     source = CalibrationSource(**item, origin=path, line=line)
     for key, problem in _source_problems(source):
-        raise _yaml_error(path, _key_line(node, key), f"sources[{index}].{key}", problem)
+        raise _yaml_error(path, _key_line(node, key), f"sources[{index}]" + (f".{key}" if key else ""), problem)
     return source
 
 

@@ -250,15 +250,16 @@ GOOD = "sources:\n  - path: {path}\n"
 
 
 @pytest.mark.parametrize("text, line, pattern", [
-    ("sources:\n  - path: [unclosed\n", 3, "not valid YAML"),
+    ("sources:\n  - path: [unclosed\n", 2, "not valid YAML"),  # the '[' that is never closed
+    ("sources:\n  - path: {path}\n   weight: 2\n", 3, "not valid YAML"),  # bad indentation
     ("sources:\n  - path: {path}\n    weight: -1\n", 3, r"sources\[0\]\.weight: must be a positive number"),
     ("sources:\n  - path: {path}\n    weight: 0\n", 3, r"sources\[0\]\.weight: must be a positive number"),
     ("sources:\n  - path: {path}\n    weight: lots\n", 3, r"sources\[0\]\.weight: must be a positive number"),
     ("sources:\n  - path: {path}\n\n    formatter: alpaca\n", 4,
      "unknown formatter 'alpaca': use one of raw_text, prompt_answer, sharegpt, chat_completion"),
     ("sources:\n  - path: {path}\n  - path: missing.jsonl\n", 3, r"sources\[1\]\.path: .*missing.jsonl does not exist"),
-    ("sources:\n  - split: train\n", 2, "give exactly one of `name`.*and `path`"),
-    ("sources:\n  - path: {path}\n    name: embedded:python-reference\n", 3, "give exactly one of `name`"),
+    ("sources:\n  - split: train\n", 2, r"sources\[0\]: give exactly one of `name`.*and `path`"),
+    ("sources:\n  - path: {path}\n    name: embedded:python-reference\n", 2, r"sources\[0\]\.path: give exactly one"),
     ("sources:\n  - path: {path}\n    formater: sharegpt\n", 3, r"sources\[0\]\.formater: unknown key"),
     ("max_seq_len: 512\nmin_token_lenght: 4\nsources:\n  - path: {path}\n", 2, "min_token_lenght: unknown key"),
     ("oversample_ratio: 0.5\nsources:\n  - path: {path}\n", 1, "oversample_ratio: must be a number of at least 1"),
