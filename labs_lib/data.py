@@ -20,15 +20,16 @@ from .network import hub_reachable
 EMBEDDED_CORPUS = "embedded:python-reference"
 STDLIB_SOURCE = "embedded:python-stdlib-source"
 WIKITEXT = "wikitext-2-raw-v1"
-EMBEDDED_CORPORA = {
-    EMBEDDED_CORPUS: "English prose: the help() topics of the Python reference manual (pydoc_data.topics).",
-    STDLIB_SOURCE: "Python code: the source files of 28 standard-library modules (a domain far from prose).",
-}
 # pure-Python modules present from Python 3.10 on, in name order; every third one is held out for evaluation
 STDLIB_MODULES = ("base64", "bisect", "calendar", "colorsys", "contextlib", "copy", "csv", "dataclasses", "difflib",
                   "fnmatch", "fractions", "functools", "gettext", "heapq", "ipaddress", "json.decoder", "json.encoder",
                   "operator", "pprint", "queue", "random", "shlex", "statistics", "string", "textwrap", "tokenize",
                   "uuid", "weakref")
+EMBEDDED_CORPORA = {
+    EMBEDDED_CORPUS: "English prose: the help() topics of the Python reference manual (pydoc_data.topics).",
+    STDLIB_SOURCE: f"Python code: the source files of {len(STDLIB_MODULES)} standard-library modules (a domain far "
+                   "from prose).",
+}
 
 __all__ = ["Corpus", "EMBEDDED_CORPUS", "STDLIB_SOURCE", "EMBEDDED_CORPORA", "STDLIB_MODULES", "WIKITEXT",
            "default_corpus", "embedded_documents", "load_corpus", "calibration_batches", "evaluation_tokens",
