@@ -238,6 +238,7 @@ def test_shipped_examples_load_and_build(tokenizer):
 
     mix = build_calibration_set(load_calibration_spec(example_spec("chat_mix"), online=False), tokenizer)
     assert [e["samples"] for e in mix.sources] == [19, 19, 13, 13] and not mix.warnings
+    assert [e["records"] for e in mix.sources] == [32, 32, 32, 16]  # as configs/calibration/README.md says
     assert [e["formatter"] for e in mix.sources] == ["sharegpt", "chat_completion", "prompt_answer", "raw_text"]
     assert all(16 <= len(s) <= 512 for s in mix.samples) and mix.tokens == sum(e["tokens"] for e in mix.sources)
     with pytest.raises(LabsError, match="use one of chat_mix, embedded"):
