@@ -93,6 +93,28 @@ def test_a_folder_reads_every_supported_file_including_parquet(tokenizer, tmp_pa
     assert sum("parquet row" in tokenizer.decode(s) for s in got.samples) == 5
 
 
+def test_special_tokens_added_to_raw_text_only(tokenizer):
+    """A chat template writes its own special tokens (a BOS too, for templates that have one); raw text gets the
+    tokenizer's (SmolLM2 adds none, so a wrapper records what was asked)."""
+    class Recording:
+        chat_template = tokenizer.chat_template
+
+        def __init__(self):
+            self.asked = []
+
+        def apply_chat_template(self, messages, tokenize):
+            return tokenizer.apply_chat_template(messages, tokenize=tokenize)
+
+        def __call__(self, text, add_special_tokens, verbose):
+            self.asked.append(add_special_tokens)
+            return tokenizer(text, add_special_tokens=add_special_tokens, verbose=verbose)
+
+    for formatter, path, expected in (("sharegpt", "sharegpt.jsonl", False), ("raw_text", "notes.txt", True)):
+        recording = Recording()
+        _build(recording, CalibrationSource(path=str(FIXTURES / path), formatter=formatter), 3)
+        assert recording.asked == [expected] * 3
+
+
 def test_no_chat_template_is_a_clear_error():
     class NoTemplate:
         chat_template = None
@@ -202,20 +224,18 @@ def test_stdlib_source_corpus_splits_by_module():
 
 def test_hub_source_streams_through_load_dataset(tokenizer, monkeypatch):
     """The Hub path with `datasets.load_dataset` standing in for the network: a streaming source reads only the
-    candidates it needs from an endless stream."""
+    candidates it needs from a long stream."""
     import datasets
 
     calls = []
 
-    def endless(path, name, split, streaming):
+    def stream(path, name, split, streaming):
         calls.append((path, name, split, streaming))
-        i = 0
-        while True:
-            i += 1
+        for i in range(1, 1000):
             yield {"messages": [{"role": "user", "content": f"question {i}"},
                                 {"role": "assistant", "content": f"answer {i}"}]}
 
-    monkeypatch.setattr(datasets, "load_dataset", endless)
+    monkeypatch.setattr(datasets, "load_dataset", stream)
     spec = default_spec(online=True)
     got = build_calibration_set(spec, tokenizer, n_samples=8)
     assert calls == [(HUB_DEFAULT, None, "train_sft", True)]
