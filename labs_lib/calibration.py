@@ -9,17 +9,20 @@ A YAML file (every key optional except `sources`; see configs/calibration/ for e
     seed: 0
     sources:
       - name: embedded:python-reference   # a Hub dataset id or an embedded corpus; or `path:` a file or folder
-        split: train                      # Hub and embedded sources (embedded: train or test)
+        split: train                      # Hub and embedded sources (embedded: train or test); not for `path`
         subset: null                      # the Hub dataset's configuration, if it has several
         weight: 1                         # its share of the samples
         formatter: raw_text               # raw_text | prompt_answer | sharegpt | chat_completion
         text_column: text                 # or `columns: [a, b]` (defaults: FORMATTER_COLUMNS)
         streaming: false                  # stream a Hub dataset instead of downloading it
-        max_samples: 1000                 # read at most this many records of the source
+        max_samples: 1000                 # read at most this many records of the source (see below)
 
 Every source becomes an iterator of records (dicts): Hub datasets through `datasets.load_dataset`, local
 .json/.jsonl/.parquet/.csv/.txt files (a .txt file gives one record per paragraph) and embedded corpora (runs of
-whole paragraphs of up to RUN_CHARS characters) through readers here; from there every source takes the same path.
+whole paragraphs of up to RUN_CHARS characters) through readers here; from there every source takes the same path:
+the first `max_samples` records (all of them if unset; for a streaming source, only as many as it has candidates)
+are read, a seeded draw picks ceil(share * oversample_ratio) candidates, and candidates are formatted, tokenized,
+truncated to max_seq_len and kept unless shorter than min_token_length, until the source's share is full.
 Each source's share follows the weights (largest-remainder rounding). A source that yields fewer usable samples than
 its share is not topped up from the others: its `sources` entry records `short_by` and `warnings` says so, so the
 mix is never changed silently.
