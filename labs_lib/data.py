@@ -1,13 +1,16 @@
-"""Calibration and evaluation text: wikitext-2 from the Hub, or the Python reference manual on disk.
+"""Calibration and evaluation text: wikitext-2 from the Hub, or one of two embedded corpora on disk.
 
-The embedded corpus is `pydoc_data.topics` from the standard library (the text of `help()` topics),
-split by topic into disjoint calibration and evaluation parts, so it works with no network at all.
+The embedded corpora come with Python itself, so they work with no network at all: `pydoc_data.topics` (the
+English text of `help()` topics), split by topic, and the source code of a fixed list of standard-library modules,
+split by module, each into disjoint calibration and evaluation parts.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -15,10 +18,22 @@ from .errors import LabsError
 from .network import hub_reachable
 
 EMBEDDED_CORPUS = "embedded:python-reference"
+STDLIB_SOURCE = "embedded:python-stdlib-source"
 WIKITEXT = "wikitext-2-raw-v1"
+# pure-Python modules present from Python 3.10 on, in name order; every third one is held out for evaluation
+STDLIB_MODULES = ("base64", "bisect", "calendar", "colorsys", "contextlib", "copy", "csv", "dataclasses", "difflib",
+                  "fnmatch", "fractions", "functools", "gettext", "heapq", "ipaddress", "json.decoder", "json.encoder",
+                  "operator", "pprint", "queue", "random", "shlex", "statistics", "string", "textwrap", "tokenize",
+                  "uuid", "weakref")
+EMBEDDED_CORPORA = {
+    EMBEDDED_CORPUS: "English prose: the help() topics of the Python reference manual (pydoc_data.topics).",
+    STDLIB_SOURCE: f"Python code: the source files of {len(STDLIB_MODULES)} standard-library modules (a domain far "
+                   "from prose).",
+}
 
-__all__ = ["Corpus", "EMBEDDED_CORPUS", "WIKITEXT", "default_corpus", "load_corpus", "calibration_batches",
-           "evaluation_tokens", "tokenize"]
+__all__ = ["Corpus", "EMBEDDED_CORPUS", "STDLIB_SOURCE", "EMBEDDED_CORPORA", "STDLIB_MODULES", "WIKITEXT",
+           "default_corpus", "embedded_documents", "load_corpus", "calibration_batches", "evaluation_tokens",
+           "tokenize"]
 
 
 @dataclass(frozen=True)
@@ -33,17 +48,31 @@ def default_corpus() -> str:
     return os.environ.get("LABS_CORPUS", "").strip() or (WIKITEXT if hub_reachable() else EMBEDDED_CORPUS)
 
 
-def _python_reference() -> Corpus:
+def _python_reference() -> tuple[list[str], list[str]]:
     from pydoc_data.topics import topics
 
     names = sorted(topics)
+    calibration = [topics[n].strip() for i, n in enumerate(names) if i % 3 != 2]
     # every third topic (in name order) is held out for evaluation; some topics repeat paragraphs of
     # others, so evaluation keeps only paragraphs that calibration never saw
-    calibration = "\n\n".join(topics[n].strip() for i, n in enumerate(names) if i % 3 != 2)
-    seen = {p.strip() for p in calibration.split("\n\n")}
-    evaluation = [p.strip() for i, n in enumerate(names) if i % 3 == 2
-                  for p in topics[n].split("\n\n") if p.strip() not in seen]
-    return Corpus(EMBEDDED_CORPUS, calibration, "\n\n".join(evaluation))
+    seen = {p.strip() for p in "\n\n".join(calibration).split("\n\n")}
+    held_out = ([p.strip() for p in topics[n].split("\n\n") if p.strip() not in seen]
+                for i, n in enumerate(names) if i % 3 == 2)
+    return calibration, ["\n\n".join(kept) for kept in held_out if kept]
+
+
+def _stdlib_source() -> tuple[list[str], list[str]]:
+    texts = [Path(importlib.util.find_spec(m).origin).read_text(encoding="utf-8") for m in STDLIB_MODULES]
+    return ([t for i, t in enumerate(texts) if i % 3 != 2], [t for i, t in enumerate(texts) if i % 3 == 2])
+
+
+def embedded_documents(name: str) -> tuple[list[str], list[str]]:
+    """The calibration and evaluation documents (topics or source files) of an embedded corpus."""
+    if name == EMBEDDED_CORPUS:
+        return _python_reference()
+    if name == STDLIB_SOURCE:
+        return _stdlib_source()
+    raise LabsError(f"Unknown embedded corpus '{name}': use one of {', '.join(EMBEDDED_CORPORA)}.")
 
 
 def _wikitext() -> Corpus:
@@ -57,12 +86,14 @@ def _wikitext() -> Corpus:
 
 
 def load_corpus(name: str | None = None) -> Corpus:
+    """A corpus by name: one of EMBEDDED_CORPORA, or wikitext-2 (needs the Hub); None gives default_corpus()."""
     name = name or default_corpus()
-    if name == EMBEDDED_CORPUS:
-        return _python_reference()
+    if name in EMBEDDED_CORPORA:
+        calibration, evaluation = embedded_documents(name)
+        return Corpus(name, "\n\n".join(calibration), "\n\n".join(evaluation))
     if name in (WIKITEXT, "wikitext", "wikitext2"):
         return _wikitext()
-    raise LabsError(f"Unknown corpus '{name}': use '{EMBEDDED_CORPUS}' or '{WIKITEXT}'.")
+    raise LabsError(f"Unknown corpus '{name}': use one of {', '.join(EMBEDDED_CORPORA)} or '{WIKITEXT}'.")
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
