@@ -220,7 +220,7 @@ def check_shapes(linears: dict[str, torch.nn.Linear], fmt: PtqFormat) -> None:
     fitting = [f.name for f in PTQ_FORMATS.values() if not f.block or all(w % f.block == 0 for w in widths)]
     examples = ", ".join(f"{n} ({w})" for n, w in list(bad.items())[:3])
     raise LabsError(f"--quant {fmt.name} quantizes blocks of {fmt.block} inputs, which do not divide the input width "
-                    f"of {len(bad)} layer(s): {examples}{' ...' if len(bad) > 3 else ''}.\n"
+                    f"of {len(bad)} layer(s): {examples}{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}.\n"
                     f"Skip them with --skip_layers {' '.join(shlex.quote(p) for p in patterns)}, or choose a format "
                     f"that fits: {', '.join(fitting)}.")
 
