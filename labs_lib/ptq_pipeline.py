@@ -104,12 +104,12 @@ def max_memory_map(max_gpu: str | None, max_cpu: str | None) -> dict | None:
     return limits
 
 
-def _available(device: str) -> tuple[int, int]:
-    """(free bytes on every visible GPU together, available CPU bytes)."""
+def _available(device: str) -> tuple[list[int], int]:
+    """(free bytes of each visible GPU, available CPU bytes)."""
     from .models import available_memory_bytes
 
-    gpu = sum(available_memory_bytes(f"cuda:{i}") for i in range(torch.cuda.device_count())) if device == "cuda" else 0
-    return gpu, available_memory_bytes("cpu")
+    gpus = [available_memory_bytes(f"cuda:{i}") for i in range(torch.cuda.device_count())] if device == "cuda" else []
+    return gpus, available_memory_bytes("cpu")
 
 
 def memory_plan(config, fmt: PtqFormat, dtype: str, batch_size: int, seq_len: int | None, device: str) -> dict:
@@ -117,9 +117,10 @@ def memory_plan(config, fmt: PtqFormat, dtype: str, batch_size: int, seq_len: in
     shape = ModelShape.from_config(config)
     width = torch.finfo(DTYPES[dtype]).bits // 8
     plan = calibration_memory_plan(shape, fmt.layout, width, batch_size, seq_len or DEFAULT_SEQ_LEN)
-    gpu, cpu = _available(device)
+    gpus, cpu = _available(device)
+    gpu = sum(gpus)
     plan.update({"dtype": dtype, "format": fmt.name, "batch_size": batch_size, "seq_len": seq_len or DEFAULT_SEQ_LEN,
-                 "gpu_free_bytes": gpu, "cpu_available_bytes": cpu,
+                 "gpu_free_bytes": gpu, "first_gpu_free_bytes": gpus[0] if gpus else 0, "cpu_available_bytes": cpu,
                  "fits_gpu": device == "cuda" and plan["peak_bytes"] <= gpu,
                  "fits_gpu_and_cpu": plan["peak_bytes"] <= gpu + cpu,
                  "fits_spark": plan["peak_bytes"] <= SPARK_MEMORY_GB * 1e9})
@@ -136,7 +137,7 @@ def plan_text(plan: dict) -> str:
         f"peak while calibrating (batch {plan['batch_size']} x {plan['seq_len']} tokens): {gb(plan['peak_bytes'])}",
         f"{plan['format']} checkpoint: {gb(plan['output_bytes'])}",
         f"this machine: GPU free {gb(plan['gpu_free_bytes'])}, CPU available {gb(plan['cpu_available_bytes'])}",
-        f"fits the GPU: {yes(plan['fits_gpu'])}; fits GPU + CPU (offload): {yes(plan['fits_gpu_and_cpu'])}; "
+        f"fits the GPU(s): {yes(plan['fits_gpu'])}; fits GPU + CPU (offload): {yes(plan['fits_gpu_and_cpu'])}; "
         f"fits a {SPARK_MEMORY_GB} GB DGX Spark: {yes(plan['fits_spark'])}",
     ])
 
@@ -153,7 +154,8 @@ def check_fits(plan: dict, device: str, request: PtqRequest) -> None:
         gpu = min(gpu, convert_file_size_to_int(request.max_gpu_memory) * torch.cuda.device_count())
     if request.max_cpu_memory:
         cpu = min(cpu, convert_file_size_to_int(request.max_cpu_memory))
-    budget = (gpu if device == "cuda" else cpu) if request.placement is None else gpu + cpu
+    one_device = plan["first_gpu_free_bytes"] if device == "cuda" else cpu  # no device map: all on one device
+    budget = one_device if request.placement is None else gpu + cpu
     if plan["peak_bytes"] > budget:
         raise LabsError(f"Not enough memory: calibration needs about {plan['peak_bytes'] / 1e9:,.2f} GB and this run "
                         f"may use {budget / 1e9:,.2f} GB; use --device_map auto with --max_gpu_memory, "
