@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -305,6 +306,14 @@ def _model_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
 
 
+def _placement(model) -> dict[str, int] | None:
+    """How many of the model's modules accelerate put on each device (GPU index, cpu, disk); None without a map."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map or len(device_map) < 2 and "" in device_map:  # one device for everything: no map to report
+        return None
+    return dict(Counter(str(d) for d in device_map.values()))
+
+
 def _peak_bytes(device: str) -> list[int]:
     """Peak allocated bytes of each GPU, or the process's peak resident set on a CPU."""
     from .hardware import peak_memory_bytes
@@ -365,7 +374,7 @@ def quantize_model(request: PtqRequest, log: Callable[[str], None] = print, cali
 
         report = {"model": request.model, "format": fmt.name, "model_optimizer_config": fmt.config,
                   "kv_cache": request.kv_cache, "dtype": request.dtype, "device": device,
-                  "device_map": request.placement,
+                  "device_map": request.placement, "placement": _placement(model),
                   "skipped_layers": skipped,
                   "calibration": {"sources": calib.sources, "samples": len(calib.samples), "tokens": calib.tokens,
                                   "batch_size": calibrator.batch_size},

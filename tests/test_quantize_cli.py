@@ -148,6 +148,21 @@ def test_skipped_layers_stay_bf16_and_are_excluded(tiny, tmp_path, capsys):
     assert check_checkpoint(out_dir).quantized_layers == 6
 
 
+def test_disk_offload_gives_the_same_checkpoint(tiny, tmp_path, capsys):
+    plain, offloaded, spill = tmp_path / "plain", tmp_path / "offloaded", tmp_path / "spill"
+    assert run(capsys, "--model", tiny, "--quant", "fp8", "--output", plain, "--device", "cpu")[0] == 0
+    # the CPU holds the 12.6 MB embedding, the decoder layers are read from disk as they run
+    code, _, err = run(capsys, "--model", tiny, "--quant", "fp8", "--output", offloaded, "--device", "cpu",
+                       "--device_map", "auto", "--max_cpu_memory", "13MB", "--offload_folder", spill,
+                       "--clean_offload", "--validate")
+    assert code == 0, err
+    assert set(json.loads((offloaded / "quantization_report.json").read_text())["placement"]) == {"cpu", "disk"}
+    a, b = load_file(str(plain / "model.safetensors")), load_file(str(offloaded / "model.safetensors"))
+    same = [torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)) for k in a]
+    assert a.keys() == b.keys() and all(same)
+    assert not spill.exists()
+
+
 def test_dry_run_numbers_equal_the_loaded_model(tiny, capsys, facts):
     from transformers import AutoModelForCausalLM
 
