@@ -334,9 +334,9 @@ def dry_run(request: PtqRequest) -> dict:
                        request.batch_size, request.max_seq_len, device)
 
 
-def quantize_model(request: PtqRequest, log: Callable[[str], None] = print, calibration=None) -> dict:
+def quantize_model(request: PtqRequest, log: Callable[[str], None] = print) -> dict:
     """Plan -> load -> shape check -> calibrate -> export (atomic: tokenizer, validation and report inside). Returns
-    the report. `calibration` (samples, sources, tokens) replaces `calibration_set(request, tokenizer)`."""
+    the report, which quantization_report.json holds too."""
     from .models import load_model, load_tokenizer
     from .modelopt_ptq import modelopt_export, modelopt_quantize
 
@@ -364,7 +364,7 @@ def quantize_model(request: PtqRequest, log: Callable[[str], None] = print, cali
         seconds["load"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        calib = calibration if calibration is not None else calibration_set(request, tokenizer)
+        calib = calibration_set(request, tokenizer)
         seconds["calibration data"] = time.perf_counter() - start
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         calibrator = Calibrator(list(calib.samples), request.batch_size, pad_id, log)

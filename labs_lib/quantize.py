@@ -25,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--model", default="embedded:SmolLM2-135M-Instruct",
                        help="Hugging Face id, local folder, or embedded:SmolLM2-135M-Instruct")
-    model.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="load dtype")
+    model.add_argument("--dtype", choices=list(DTYPES), default="bf16",
+                       help="load dtype; the layers left unquantized are exported in it")
     model.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
     model.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     model.add_argument("--device_map", choices=["auto"], default=None,

@@ -21,6 +21,7 @@ from labs_lib.quantize import main
 from labs_lib.sizing import ModelShape
 
 pytest.importorskip("modelopt.torch.quantization")
+CALIBRATION_SET = ptq_pipeline.calibration_set  # the real one, before `few_samples` replaces it
 
 
 @dataclass
@@ -163,6 +164,22 @@ def test_disk_offload_gives_the_same_checkpoint(tiny, tmp_path, capsys):
     assert not spill.exists()
 
 
+def test_predicted_quantized_layers_are_the_ones_model_optimizer_quantizes(tiny):
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoModelForCausalLM
+
+    from labs_lib.ptq_formats import get_format
+    from labs_lib.ptq_pipeline import quant_config, quantized_linears, resolve_skip_layers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16)
+    skipped = resolve_skip_layers(["*.1.self_attn.*"], model)
+    config = quant_config(get_format("nvfp4"), "fp8", skipped)
+    predicted = set(quantized_linears(model, config))
+    mtq.quantize(model, config, Calibrator([torch.arange(8)], 1, pad_id=0, log=print))
+    enabled = {n for n, m in model.named_modules() if hasattr(m, "weight_quantizer") and m.weight_quantizer.is_enabled}
+    assert predicted == enabled and len(enabled) == 10  # 14 Linears, 4 skipped; lm_head off by default
+
+
 def test_dry_run_numbers_equal_the_loaded_model(tiny, capsys, facts):
     from transformers import AutoModelForCausalLM
 
@@ -226,6 +243,14 @@ def test_skip_pattern_that_matches_nothing(tiny, tmp_path, capsys):
                        "--skip_layers", "lm_head", "model.layers.9.*")
     assert code == 2 and "--skip_layers 'model.layers.9.*' matches no Linear layer" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_calibration_comes_from_labs_lib_calibration(tokenizer, tmp_path):
+    pytest.importorskip("labs_lib.calibration")
+    request = PtqRequest(model=EMBEDDED, output=tmp_path, calib_size=4, max_seq_len=32)  # no YAML, offline: embedded
+    calib = CALIBRATION_SET(request, tokenizer)
+    assert len(calib.samples) == 4 and all(0 < len(s) <= 32 for s in calib.samples)
+    assert calib.tokens == sum(len(s) for s in calib.samples) == sum(s["tokens"] for s in calib.sources)
 
 
 def test_out_of_memory_halves_the_batch():
