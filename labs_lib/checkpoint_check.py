@@ -57,6 +57,7 @@ EXPECTED = {
     } | _INPUT_SCALE | _PRE_QUANT_SCALE,
 }
 OPTIONAL = ("input_scale", "pre_quant_scale")
+MIXED = "MIXED_PRECISION"  # a format per layer, listed in hf_quant_config.json's quantized_layers (AutoQuantize)
 # The block size when hf_quant_config.json has no group_size (MXFP4: fixed by the OCP format).
 DEFAULT_GROUP = {"NVFP4": 16, "NVFP4_AWQ": 16, "W4A16_NVFP4": 16, "mxfp4": 32, "W4A16_AWQ": 128, "W4A8_AWQ": 128}
 # kv_cache_quant_algo -> the per-tensor FP32 scales each attention layer carries (on its k_proj and v_proj)
@@ -152,6 +153,25 @@ def _check_values(names: list[tuple[str, Path]], report: CheckpointReport) -> No
                     report.findings.append(f"{name} holds {(values <= 0).sum().item()} scale(s) <= 0.")
 
 
+def _layer_formats(q: dict, linears: dict, report: CheckpointReport) -> dict[str, tuple[str, int]]:
+    """Linear name -> (quant_algo, group size) of each quantized Linear: the one format of the checkpoint for all
+    Linears not in exclude_modules, or under MIXED_PRECISION (AutoQuantize's export) each listed layer's own."""
+    if q.get("quant_algo") != MIXED:
+        algo, excluded = q["quant_algo"], q.get("exclude_modules") or []
+        group = q.get("group_size") or DEFAULT_GROUP.get(algo, 16)
+        return {name: (algo, group) for name in linears if not _excluded(name, excluded)}
+    formats = {}
+    for name, layer in (q.get("quantized_layers") or {}).items():
+        algo = layer.get("quant_algo")
+        if name not in linears:
+            report.findings.append(f"quantized_layers names {name}, which is not a Linear layer of this model.")
+        elif algo not in EXPECTED:
+            report.findings.append(f"{name} has quant_algo {algo!r}; this checker knows {', '.join(EXPECTED)}.")
+        else:
+            formats[name] = (algo, layer.get("group_size") or DEFAULT_GROUP.get(algo, 16))
+    return formats
+
+
 def _check_kv_scales(kv_algo: str | None, linears: dict, tensors: dict, report: CheckpointReport,
                      scales: list) -> set[str]:
     """With a quantized KV cache every k_proj/v_proj carries a scalar FP32 k_scale/v_scale (whether or not the
@@ -194,8 +214,9 @@ def check_checkpoint(folder: str | Path) -> CheckpointReport:
         return report
     q = quant.get("quantization", {})
     report.quant_algo, report.group_size = q.get("quant_algo"), q.get("group_size")
-    if report.quant_algo not in EXPECTED:
-        report.findings.append(f"quant_algo is {report.quant_algo!r}; this checker knows {', '.join(EXPECTED)}.")
+    if report.quant_algo not in (*EXPECTED, MIXED):
+        report.findings.append(f"quant_algo is {report.quant_algo!r}; this checker knows {', '.join(EXPECTED)} "
+                               f"and {MIXED}.")
         return report
     if report.quant_algo == "NVFP4" and report.group_size != 16:
         report.findings.append(f"group_size is {report.group_size}; NVFP4 uses one E4M3 scale per 16 values.")
@@ -213,15 +234,14 @@ def check_checkpoint(folder: str | Path) -> CheckpointReport:
     if len(report.findings) > before:  # an unreadable file: every tensor in it would be reported missing
         return report
     linears, parameters, tied = _linear_shapes(config)
-    excluded = q.get("exclude_modules") or []
-    expected = EXPECTED[report.quant_algo]
-    group = report.group_size or DEFAULT_GROUP.get(report.quant_algo, 16)
+    formats = _layer_formats(q, linears, report)
     seen, scales = set(), []
     for name, (out_f, in_f) in linears.items():
-        if _excluded(name, excluded):
+        if name not in formats:
             continue
+        algo, group = formats[name]
         report.quantized_layers += 1
-        for suffix, (dtype, shape_of) in expected.items():
+        for suffix, (dtype, shape_of) in EXPECTED[algo].items():
             key = f"{name}.{suffix}"
             if key not in tensors:
                 if suffix not in OPTIONAL:
@@ -236,7 +256,7 @@ def check_checkpoint(folder: str | Path) -> CheckpointReport:
                 report.findings.append(f"{key} is {got_dtype}, expected {' or '.join(allowed)}.")
             per_tensor_as_vector = want_shape == () and got_shape in ((1,), (out_f, 1), (out_f,))
             if got_shape != want_shape and not (per_tensor_as_vector and suffix == "weight_scale"):
-                grouping = f", group {group}" if report.quant_algo in DEFAULT_GROUP else ""
+                grouping = f", group {group}" if algo in DEFAULT_GROUP else ""
                 report.findings.append(f"{key} has shape {list(got_shape)}, expected {list(want_shape)} "
                                        f"(layer {out_f}x{in_f}{grouping}).")
             if suffix != "weight" and got_dtype in allowed and got_dtype != "U8":  # U8 scales: E8M0 exponents
@@ -251,7 +271,7 @@ def check_checkpoint(folder: str | Path) -> CheckpointReport:
         if tied and name == "lm_head.weight":
             continue
         module = name.rsplit(".", 1)[0]
-        if not (module in linears and not _excluded(module, excluded) and name.endswith(".weight")):
+        if not (module in formats and name.endswith(".weight")):
             report.findings.append(f"{name} is missing.")
     unknown = sorted(set(tensors) - seen - parameters)
     if unknown:

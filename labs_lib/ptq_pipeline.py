@@ -29,7 +29,7 @@ from .sizing import SPARK_MEMORY_GB, ModelShape, calibration_memory_plan
 
 __all__ = ["DTYPES", "PtqRequest", "resolve_device", "check_output", "max_memory_map", "memory_plan", "plan_text",
            "check_fits", "quant_config", "quantized_linears", "resolve_skip_layers", "check_shapes", "Calibrator",
-           "calibration_set", "next_steps", "dry_run", "quantize_model"]
+           "auto_quantize", "calibration_set", "next_steps", "dry_run", "quantize_model"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_SEQ_LEN = 512  # the calibration length the plan assumes when --max_seq_len is not given
@@ -59,6 +59,16 @@ class PtqRequest:
     batch_size: int = 8
     overwrite: bool = False
     validate: bool = False
+    auto_quantize_bits: float | None = None
+
+    @property
+    def formats(self) -> list[PtqFormat]:
+        """--quant's formats: one, or with --auto_quantize_bits the comma-separated candidates."""
+        formats = [get_format(name.strip()) for name in self.quant.split(",")]
+        if len(formats) > 1 and self.auto_quantize_bits is None:
+            raise LabsError(f"--quant {self.quant} names several formats: add --auto_quantize_bits B to choose among "
+                            "them per layer, or give one format.")
+        return formats
 
     @property
     def placement(self) -> str | None:
@@ -243,11 +253,22 @@ class Calibrator:
         self.forward = forward or self._decoder_forward
 
     @staticmethod
-    def _decoder_forward(model, ids: torch.Tensor, mask: torch.Tensor):
-        decoder = getattr(model, "base_model", model)
-        embedding = model.get_input_embeddings().weight
-        device = "cpu" if embedding.device.type == "meta" else embedding.device  # offloaded: accelerate moves it
+    def input_device(model) -> torch.device:
+        """Where the token ids go: the embedding's device (an offloaded embedding: the CPU, accelerate moves it)."""
+        device = model.get_input_embeddings().weight.device
+        return torch.device("cpu") if device.type == "meta" else device
+
+    def _decoder_forward(self, model, ids: torch.Tensor, mask: torch.Tensor):
+        decoder, device = getattr(model, "base_model", model), self.input_device(model)
         return decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+
+    def labelled_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The batches with next-token labels (-100 on padding), for AutoQuantize's loss."""
+        batches = []
+        for start in range(0, len(self.samples), self.batch_size):
+            ids, mask = self.batch(self.samples[start : start + self.batch_size])
+            batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+        return batches
 
     def batch(self, chunk: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded token ids and their attention mask."""
@@ -278,6 +299,38 @@ class Calibrator:
                     continue
                 done += len(chunk)
                 bar.update(len(chunk))
+
+
+def auto_quantize(model, formats: list[PtqFormat], kv_cache: str, skipped: list[str], bits: float,
+                  calibrator: Calibrator):
+    """Model Optimizer's AutoQuantize: for each layer group one of `formats` or none, chosen by the loss gradient on
+    the calibration batches so that weights average `bits` per value (Model Optimizer counts what stays unquantized,
+    the lm_head included, at 16); then the KV-cache quantizers, calibrated alone. No out-of-memory halving here."""
+    from .modelopt_ptq import modelopt_config, require_modelopt
+
+    mtq = require_modelopt()
+    batches, device = calibrator.labelled_batches(), calibrator.input_device(model)
+
+    def forward_step(m, batch):
+        return m(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+
+    try:
+        model, _ = mtq.auto_quantize(model, constraints={"effective_bits": bits},
+                                     quantization_formats=[f.config for f in formats], data_loader=batches,
+                                     forward_step=forward_step, loss_func=lambda output, batch: output.loss,
+                                     disabled_layers=["*lm_head*", *skipped], num_calib_steps=len(batches),
+                                     num_score_steps=len(batches))
+    except (ValueError, AssertionError) as exc:  # Model Optimizer's two ways of saying the budget cannot be met
+        if "effective_bits" not in str(exc):
+            raise
+        raise LabsError(f"--auto_quantize_bits {bits}: {exc}") from None
+    kv = kv_config_name(kv_cache)
+    if kv is not None:
+        entries = list(modelopt_config(kv)["quant_cfg"])
+        mtq.set_quantizer_by_cfg(model, entries)
+        with mtq.set_quantizer_by_cfg_context(model, [{"quantizer_name": "*", "enable": False}, *entries]):
+            mtq.calibrate(model, algorithm="max", forward_loop=calibrator)
+    return model
 
 
 def calibration_set(request: PtqRequest, tokenizer):
@@ -324,10 +377,11 @@ def _peak_bytes(device: str) -> list[int]:
 
 
 def dry_run(request: PtqRequest) -> dict:
-    """The memory plan of `request` from the model's config alone (no weights read)."""
+    """The memory plan of `request` from the model's config alone (no weights read); the checkpoint size is that of
+    --quant's first format."""
     from .models import model_config
 
-    fmt, device = get_format(request.quant), resolve_device(request.device)
+    fmt, device = request.formats[0], resolve_device(request.device)
     if request.dtype not in DTYPES:
         raise LabsError(f"--dtype {request.dtype}: use one of {', '.join(DTYPES)}.")
     return memory_plan(model_config(request.model, request.trust_remote_code), fmt, request.dtype,
@@ -343,10 +397,11 @@ def quantize_model(request: PtqRequest, log: Callable[[str], None] = print) -> d
     check_output(request.output, request.overwrite)
     kv_config_name(request.kv_cache)
     plan = dry_run(request)
-    fmt, device = get_format(request.quant), resolve_device(request.device)
-    if fmt.needs_cuda and device != "cuda":
-        raise LabsError(f"--quant {fmt.name} calibrates only on a GPU (Model Optimizer needs CUDA for it); "
-                        "use --device cuda or another format.")
+    formats, device = request.formats, resolve_device(request.device)
+    for fmt in formats:
+        if fmt.needs_cuda and device != "cuda":
+            raise LabsError(f"--quant {fmt.name} calibrates only on a GPU (Model Optimizer needs CUDA for it); "
+                            "use --device cuda or another format.")
     check_fits(plan, device, request)
     seconds: dict[str, float] = {}
     reset_peak_memory()
@@ -359,8 +414,8 @@ def quantize_model(request: PtqRequest, log: Callable[[str], None] = print) -> d
         tokenizer = load_tokenizer(request.model, request.trust_remote_code)
         parameters, bytes_before = _model_bytes(model)
         skipped = resolve_skip_layers(request.skip_layers, model)
-        config = quant_config(fmt, request.kv_cache, skipped)
-        check_shapes(quantized_linears(model, config), fmt)
+        for fmt in formats:
+            check_shapes(quantized_linears(model, quant_config(fmt, request.kv_cache, skipped)), fmt)
         seconds["load"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -369,10 +424,15 @@ def quantize_model(request: PtqRequest, log: Callable[[str], None] = print) -> d
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         calibrator = Calibrator(list(calib.samples), request.batch_size, pad_id, log)
         start = time.perf_counter()
-        modelopt_quantize(model, config, forward_loop=calibrator)
+        if request.auto_quantize_bits is None:
+            modelopt_quantize(model, quant_config(formats[0], request.kv_cache, skipped), forward_loop=calibrator)
+        else:
+            model = auto_quantize(model, formats, request.kv_cache, skipped, request.auto_quantize_bits, calibrator)
         seconds["quantize"] = time.perf_counter() - start
 
-        report = {"model": request.model, "format": fmt.name, "model_optimizer_config": fmt.config,
+        report = {"model": request.model, "format": request.quant,
+                  "model_optimizer_config": ",".join(f.config for f in formats),
+                  "auto_quantize_bits": request.auto_quantize_bits,
                   "kv_cache": request.kv_cache, "dtype": request.dtype, "device": device,
                   "device_map": request.placement, "placement": _placement(model),
                   "skipped_layers": skipped,
@@ -397,7 +457,9 @@ def quantize_model(request: PtqRequest, log: Callable[[str], None] = print) -> d
                                                       "warnings": check.warnings}
                 elif step == "report":
                     quant = json.loads((folder / "hf_quant_config.json").read_text())["quantization"]
+                    layers = quant.get("quantized_layers") or {}
                     report.update({"quant_algo": quant.get("quant_algo"),
+                                   "layers_per_quant_algo": dict(Counter(v["quant_algo"] for v in layers.values())),
                                    "kv_cache_quant_algo": quant.get("kv_cache_quant_algo"),
                                    "exclude_modules": quant.get("exclude_modules", []),
                                    "bytes_after": sum(p.stat().st_size for p in folder.glob("*.safetensors"))})

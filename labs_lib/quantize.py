@@ -36,11 +36,16 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--offload_folder", type=Path, help="where weights that fit neither GPU nor CPU go")
     model.add_argument("--clean_offload", action="store_true", help="delete --offload_folder when done")
     fmt = p.add_argument_group("format")
-    fmt.add_argument("--quant", default="nvfp4", help=f"one of {', '.join(PTQ_FORMATS)} (see --list_configs)")
+    fmt.add_argument("--quant", default="nvfp4", help=f"one of {', '.join(PTQ_FORMATS)} (see --list_configs); with "
+                                                      "--auto_quantize_bits, a comma-separated list of candidates")
     fmt.add_argument("--kv_cache", choices=list(KV_CACHE), default="fp8", help="KV-cache format")
     fmt.add_argument("--skip_layers", nargs="+", default=[], metavar="PATTERN",
                      help="glob patterns of Linear layers to keep unquantized, e.g. lm_head '*.mlp.gate' "
                           "'model.layers.0.*'")
+    fmt.add_argument("--auto_quantize_bits", type=float, metavar="BITS",
+                     help="AutoQuantize: pick per layer one of the --quant formats or none, so that weights average "
+                          "BITS (unquantized ones, lm_head included, count 16), e.g. --quant nvfp4,fp8 "
+                          "--auto_quantize_bits 6")
     fmt.add_argument("--list_configs", action="store_true", help="print the formats and exit")
     calib = p.add_argument_group("calibration")
     calib.add_argument("--dataset_yaml", type=Path, help="calibration sources (default: the embedded corpus offline, "
@@ -86,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = ", ".join(f"{k} {v} s" for k, v in report["seconds"].items())
     print(f"{report['quant_algo']} checkpoint ({report['bytes_after'] / 1e6:,.1f} MB, was "
           f"{report['bytes_before'] / 1e6:,.1f} MB) in {args.output}; {seconds}")
+    if report["layers_per_quant_algo"]:
+        print("AutoQuantize chose: " + ", ".join(f"{n} layers {algo}" for algo, n in
+                                                 report["layers_per_quant_algo"].items()))
     validation = report.get("validation")
     if validation is not None:
         print("validation: " + ("ok" if validation["ok"] else "PROBLEMS") + " " + json.dumps(

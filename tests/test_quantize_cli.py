@@ -82,7 +82,7 @@ def test_help_lists_every_flag(capsys):
     flags = ["--model", "--dtype", "--trust_remote_code", "--device", "--device_map", "--max_gpu_memory",
              "--max_cpu_memory", "--offload_folder", "--clean_offload", "--quant", "--kv_cache", "--skip_layers",
              "--list_configs", "--dataset_yaml", "--calib_size", "--max_seq_len", "--batch_size", "--output",
-             "--overwrite", "--validate", "--dry_run"]
+             "--overwrite", "--validate", "--dry_run", "--auto_quantize_bits"]
     assert [f for f in flags if f not in text] == []
 
 
@@ -178,6 +178,26 @@ def test_predicted_quantized_layers_are_the_ones_model_optimizer_quantizes(tiny)
     mtq.quantize(model, config, Calibrator([torch.arange(8)], 1, pad_id=0, log=print))
     enabled = {n for n, m in model.named_modules() if hasattr(m, "weight_quantizer") and m.weight_quantizer.is_enabled}
     assert predicted == enabled and len(enabled) == 10  # 14 Linears, 4 skipped; lm_head off by default
+
+
+def test_auto_quantize_mixes_formats_per_layer(tiny, tmp_path, capsys):
+    out_dir = tmp_path / "auto"
+    # 15.46 bits would put every searched layer in W4A8: the 16-bit embedding/lm_head dominates this tiny model
+    code, out, err = run(capsys, "--model", tiny, "--quant", "fp8,w4a8_awq", "--auto_quantize_bits", 15.52,
+                         "--output", out_dir, "--device", "cpu", "--validate")
+    assert code == 0, err
+    quant = json.loads((out_dir / "hf_quant_config.json").read_text())["quantization"]
+    chosen = [layer["quant_algo"] for layer in quant["quantized_layers"].values()]
+    assert quant["quant_algo"] == "MIXED_PRECISION" and set(chosen) == {"FP8", "W4A8_AWQ"}
+    assert quant["kv_cache_quant_algo"] == "FP8" and "AutoQuantize chose:" in out
+    report = check_checkpoint(out_dir)
+    assert report.ok and report.quantized_layers == len(chosen), report.problems
+    for bits, says in ((3, "cannot be lower than the num_bits"), (6, "is infeasible")):
+        code, _, err = run(capsys, "--model", tiny, "--quant", "fp8,w4a8_awq", "--auto_quantize_bits", bits,
+                           "--output", tmp_path / "x", "--device", "cpu")
+        assert code == 2 and f"error: --auto_quantize_bits {bits:.1f}: The effective_bits" in err and says in err
+    code, _, err = run(capsys, "--model", tiny, "--quant", "fp8,w4a8_awq", "--output", tmp_path / "x")
+    assert code == 2 and "names several formats: add --auto_quantize_bits" in err
 
 
 def test_dry_run_numbers_equal_the_loaded_model(tiny, capsys, facts):
