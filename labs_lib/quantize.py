@@ -19,16 +19,26 @@ from .ptq_pipeline import DTYPES, PtqRequest, dry_run, plan_text, quantize_model
 __all__ = ["parser", "main"]
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only when it has one (not None, False or empty) that its help does not already say."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="labs-quantize", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsHelp)
     model = p.add_argument_group("model")
     model.add_argument("--model", default="embedded:SmolLM2-135M-Instruct",
                        help="Hugging Face id, local folder, or embedded:SmolLM2-135M-Instruct")
     model.add_argument("--dtype", choices=list(DTYPES), default="bf16",
                        help="load dtype; the layers left unquantized are exported in it")
     model.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
-    model.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    model.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                       help="where the model runs without --device_map (auto: the GPU when there is one)")
     model.add_argument("--device_map", choices=["auto"], default=None,
                        help="spread the model over every visible GPU (then CPU, then disk) with accelerate")
     model.add_argument("--max_gpu_memory", help="per-GPU limit for the device map, e.g. 20GiB (the rest offloads)")
