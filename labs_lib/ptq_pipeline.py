@@ -27,9 +27,9 @@ from .hardware import default_device, reset_peak_memory
 from .ptq_formats import PTQ_FORMATS, PtqFormat, get_format, kv_config_name
 from .sizing import SPARK_MEMORY_GB, ModelShape, calibration_memory_plan
 
-__all__ = ["DTYPES", "PtqRequest", "resolve_device", "check_output", "max_memory_map", "memory_plan", "plan_text",
-           "check_fits", "quant_config", "quantized_linears", "resolve_skip_layers", "check_shapes", "Calibrator",
-           "auto_quantize", "calibration_set", "next_steps", "dry_run", "quantize_model"]
+__all__ = ["DTYPES", "PtqRequest", "resolve_device", "check_output", "size_bytes", "max_memory_map", "memory_plan",
+           "plan_text", "check_fits", "quant_config", "quantized_linears", "resolve_skip_layers", "check_shapes",
+           "Calibrator", "auto_quantize", "calibration_set", "next_steps", "dry_run", "quantize_model"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_SEQ_LEN = 512  # the calibration length the plan assumes when --max_seq_len is not given
@@ -95,19 +95,24 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise LabsError(f"{output} already exists: pass --overwrite to replace it, or choose another --output.")
 
 
+def size_bytes(flag: str, value: str) -> int:
+    """Bytes of a size flag such as 20GiB or 64GB, or a LabsError."""
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(value)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise LabsError(f"{flag} {value}: give a size such as 20GiB or 64GB.")
+    return size
+
+
 def max_memory_map(max_gpu: str | None, max_cpu: str | None) -> dict | None:
     """accelerate's max_memory ({gpu index: size, "cpu": size}) from --max_gpu_memory / --max_cpu_memory."""
     if not (max_gpu or max_cpu):
         return None
-    from accelerate.utils import convert_file_size_to_int
-
     limits = {}
-    for flag, value in (("--max_gpu_memory", max_gpu), ("--max_cpu_memory", max_cpu)):
-        try:
-            if value is not None and convert_file_size_to_int(value) <= 0:
-                raise ValueError
-        except ValueError:
-            raise LabsError(f"{flag} {value}: give a size such as 20GiB or 64GB.") from None
     if max_gpu:
         limits.update({i: max_gpu for i in range(torch.cuda.device_count())})
     if max_cpu:
@@ -156,15 +161,13 @@ def plan_text(plan: dict) -> str:
 def check_fits(plan: dict, device: str, request: PtqRequest) -> None:
     """Refuse before loading when the calibration peak exceeds the memory this run may use: the device's, plus the
     CPU's under a device map (capped by --max_*_memory); disk offload (--offload_folder) lifts the limit."""
-    if request.offload_folder:
-        return
-    from accelerate.utils import convert_file_size_to_int
-
     gpu, cpu = plan["gpu_free_bytes"], plan["cpu_available_bytes"]
     if request.max_gpu_memory:
-        gpu = min(gpu, convert_file_size_to_int(request.max_gpu_memory) * torch.cuda.device_count())
+        gpu = min(gpu, size_bytes("--max_gpu_memory", request.max_gpu_memory) * torch.cuda.device_count())
     if request.max_cpu_memory:
-        cpu = min(cpu, convert_file_size_to_int(request.max_cpu_memory))
+        cpu = min(cpu, size_bytes("--max_cpu_memory", request.max_cpu_memory))
+    if request.offload_folder:
+        return
     one_device = plan["first_gpu_free_bytes"] if device == "cuda" else cpu  # no device map: all on one device
     budget = one_device if request.placement is None else gpu + cpu
     if plan["peak_bytes"] > budget:

@@ -258,6 +258,12 @@ def test_not_enough_memory_shows_the_plan(tiny, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
+def test_bad_memory_size(tiny, tmp_path, capsys):
+    code, _, err = run(capsys, "--model", tiny, "--output", tmp_path / "x", "--device", "cpu", "--device_map", "auto",
+                       "--max_cpu_memory", "lots")
+    assert code == 2 and "--max_cpu_memory lots: give a size such as 20GiB or 64GB." in err
+
+
 def test_skip_pattern_that_matches_nothing(tiny, tmp_path, capsys):
     code, _, err = run(capsys, "--model", tiny, "--output", tmp_path / "x", "--device", "cpu",
                        "--skip_layers", "lm_head", "model.layers.9.*")
