@@ -176,12 +176,14 @@ class IntGroup(Scheme):
 
     Symmetric: scale = amax / (2^(b-1) - 1), codes in [-(2^(b-1)), 2^(b-1) - 1].
     Asymmetric: scale = (max - min) / (2^b - 1), zero = round(-min / scale), codes in [0, 2^b - 1].
-    `group_size=None` means one group per output row (per-channel).
+    `group_size=None` means one group per output row (per-channel). `scale_bits` only counts bytes: a checkpoint
+    may store the FP16-representable scales wider (Model Optimizer's AWQ export writes them as FP32).
     """
 
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = True
+    scale_bits: int = 16
 
     @property
     def name(self) -> str:
@@ -235,7 +237,7 @@ class IntGroup(Scheme):
         group = self.group_size or (shape[-1] if shape else None)
         if group is None:
             raise ValueError("a per-channel scheme needs the weight shape to count its scale bits")
-        return self.bits + (16 + (0 if self.symmetric else self.bits)) / group
+        return self.bits + (self.scale_bits + (0 if self.symmetric else self.bits)) / group
 
 
 @dataclass(repr=False)

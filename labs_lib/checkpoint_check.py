@@ -19,23 +19,49 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-__all__ = ["EXPECTED", "DEFECTS", "CheckpointReport", "check_checkpoint", "checkpoint_inventory", "make_broken_copy"]
+__all__ = ["EXPECTED", "KV_SCALES", "DEFECTS", "CheckpointReport", "check_checkpoint", "checkpoint_inventory",
+           "make_broken_copy"]
 
-# Per quantized Linear: tensor suffix -> (safetensors dtype, shape as a function of (out, in, group)).
-# Scalars are written as 0-d tensors. `input_scale` is present when activations are quantized too.
+# Per quantized Linear: tensor suffix -> (safetensors dtype(s), shape as a function of (out, in, group)), as Model
+# Optimizer 0.47's unified export writes them (read from real exports of a Llama). Scalars are 0-d tensors.
+# Suffixes in OPTIONAL may be absent: `input_scale` in weight-only checkpoints, `pre_quant_scale` where the export
+# folded the AWQ/SmoothQuant scale into the layer before (the norm in front of q/k/v and gate/up).
+_NVFP4_WEIGHTS = {
+    "weight": ("U8", lambda o, i, g: (o, i // 2)),          # two E2M1 codes per byte
+    "weight_scale": ("F8_E4M3", lambda o, i, g: (o, i // g)),  # one E4M3 scale per `group` inputs
+    "weight_scale_2": ("F32", lambda o, i, g: ()),           # per-tensor FP32 scale
+}
+_INPUT_SCALE = {"input_scale": ("F32", lambda o, i, g: ())}
+_PRE_QUANT_SCALE = {"pre_quant_scale": (("BF16", "F16", "F32"), lambda o, i, g: (i,))}  # the model's dtype
+_INT4_WEIGHTS = {
+    "weight": ("U8", lambda o, i, g: (o // 2, i)),           # two INT4 codes per byte, packed along the rows
+    "weight_scale": ("F32", lambda o, i, g: (o, i // g)),    # one scale per `group` inputs
+}
 EXPECTED = {
-    "NVFP4": {
-        "weight": ("U8", lambda o, i, g: (o, i // 2)),          # two E2M1 codes per byte
-        "weight_scale": ("F8_E4M3", lambda o, i, g: (o, i // g)),  # one E4M3 scale per `group` inputs
-        "weight_scale_2": ("F32", lambda o, i, g: ()),           # per-tensor FP32 scale
-        "input_scale": ("F32", lambda o, i, g: ()),
+    "NVFP4": _NVFP4_WEIGHTS | _INPUT_SCALE,
+    "NVFP4_AWQ": _NVFP4_WEIGHTS | _INPUT_SCALE | _PRE_QUANT_SCALE,
+    "W4A16_NVFP4": _NVFP4_WEIGHTS,
+    "mxfp4": {
+        "weight": ("U8", lambda o, i, g: (o, i // 2)),
+        "weight_scale": ("U8", lambda o, i, g: (o, i // g)),  # E8M0 exponents, one per 32 inputs
     },
     "FP8": {
         "weight": ("F8_E4M3", lambda o, i, g: (o, i)),
         "weight_scale": ("F32", lambda o, i, g: ()),
-        "input_scale": ("F32", lambda o, i, g: ()),
-    },
+    } | _INPUT_SCALE,
+    "W4A16_AWQ": _INT4_WEIGHTS | _PRE_QUANT_SCALE,
+    "W4A8_AWQ": _INT4_WEIGHTS | {"weight_scale_2": ("F32", lambda o, i, g: ())} | _INPUT_SCALE | _PRE_QUANT_SCALE,
+    "W8A8_SQ_PER_CHANNEL": {
+        "weight": ("I8", lambda o, i, g: (o, i)),
+        "weight_scale": ("F32", lambda o, i, g: (o,)),        # one scale per output row
+    } | _INPUT_SCALE | _PRE_QUANT_SCALE,
 }
+OPTIONAL = ("input_scale", "pre_quant_scale")
+MIXED = "MIXED_PRECISION"  # a format per layer, listed in hf_quant_config.json's quantized_layers (AutoQuantize)
+# The block size when hf_quant_config.json has no group_size (MXFP4: fixed by the OCP format).
+DEFAULT_GROUP = {"NVFP4": 16, "NVFP4_AWQ": 16, "W4A16_NVFP4": 16, "mxfp4": 32, "W4A16_AWQ": 128, "W4A8_AWQ": 128}
+# kv_cache_quant_algo -> the per-tensor FP32 scales each attention layer carries (on its k_proj and v_proj)
+KV_SCALES = {"FP8": ("k_scale", "v_scale"), "NVFP4": ("k_scale", "v_scale")}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
@@ -58,7 +84,8 @@ class CheckpointReport:
         """The findings, with ones that differ only in layer numbers and sizes folded into one line."""
         groups: dict[str, list[str]] = {}
         for message in self.findings:
-            key = re.sub(r"\d+", "#", re.sub(r"\S+\.(weight\w*|input_scale)\b", r"<layer>.\1", message))
+            layer = re.sub(r"\S+\.(weight\w*|input_scale|pre_quant_scale|[kv]_scale)\b", r"<layer>.\1", message)
+            key = re.sub(r"\d+", "#", layer)
             groups.setdefault(key, []).append(message)
         return [m[0] if len(m) == 1 else f"{m[0]} (and {len(m) - 1} more layers like it)" for m in groups.values()]
 
@@ -126,6 +153,54 @@ def _check_values(names: list[tuple[str, Path]], report: CheckpointReport) -> No
                     report.findings.append(f"{name} holds {(values <= 0).sum().item()} scale(s) <= 0.")
 
 
+def _layer_formats(q: dict, linears: dict, report: CheckpointReport) -> dict[str, tuple[str, int]]:
+    """Linear name -> (quant_algo, group size) of each quantized Linear: the one format of the checkpoint for all
+    Linears not in exclude_modules, or under MIXED_PRECISION (AutoQuantize's export) each listed layer's own."""
+    if q.get("quant_algo") != MIXED:
+        algo, excluded = q["quant_algo"], q.get("exclude_modules") or []
+        group = q.get("group_size") or DEFAULT_GROUP.get(algo, 16)
+        return {name: (algo, group) for name in linears if not _excluded(name, excluded)}
+    formats = {}
+    for name, layer in (q.get("quantized_layers") or {}).items():
+        algo = layer.get("quant_algo")
+        if name not in linears:
+            report.findings.append(f"quantized_layers names {name}, which is not a Linear layer of this model.")
+        elif algo not in EXPECTED:
+            report.findings.append(f"{name} has quant_algo {algo!r}; this checker knows {', '.join(EXPECTED)}.")
+        else:
+            formats[name] = (algo, layer.get("group_size") or DEFAULT_GROUP.get(algo, 16))
+    return formats
+
+
+def _check_kv_scales(kv_algo: str | None, linears: dict, tensors: dict, report: CheckpointReport,
+                     scales: list) -> set[str]:
+    """With a quantized KV cache every k_proj/v_proj carries a scalar FP32 k_scale/v_scale (whether or not the
+    Linear itself is excluded); returns the names checked, and queues them for the value check."""
+    if kv_algo is None:
+        return set()
+    if kv_algo not in KV_SCALES:
+        report.findings.append(f"kv_cache_quant_algo is {kv_algo!r}; this checker knows {', '.join(KV_SCALES)}.")
+        return set()
+    checked = set()
+    for name in linears:
+        for scale in KV_SCALES[kv_algo]:
+            if name.endswith(f".{scale[0]}_proj"):
+                key = f"{name}.{scale}"
+                if key not in tensors:
+                    report.findings.append(f"{key} is missing (kv_cache_quant_algo {kv_algo}).")
+                    continue
+                dtype, shape, path = tensors[key]
+                if (dtype, shape) != ("F32", ()):
+                    report.findings.append(f"{key} is {dtype} {list(shape)}, expected a scalar F32.")
+                else:
+                    scales.append((key, path))
+                checked.add(key)
+                report.tensors_checked += 1
+    if not checked and not report.findings:
+        report.findings.append(f"kv_cache_quant_algo is {kv_algo} but the model has no k_proj/v_proj layers.")
+    return checked
+
+
 def check_checkpoint(folder: str | Path) -> CheckpointReport:
     """Validate `folder` (config.json, hf_quant_config.json, safetensors) and return every problem found."""
     folder = Path(folder)
@@ -139,8 +214,9 @@ def check_checkpoint(folder: str | Path) -> CheckpointReport:
         return report
     q = quant.get("quantization", {})
     report.quant_algo, report.group_size = q.get("quant_algo"), q.get("group_size")
-    if report.quant_algo not in EXPECTED:
-        report.findings.append(f"quant_algo is {report.quant_algo!r}; this checker knows {', '.join(EXPECTED)}.")
+    if report.quant_algo not in (*EXPECTED, MIXED):
+        report.findings.append(f"quant_algo is {report.quant_algo!r}; this checker knows {', '.join(EXPECTED)} "
+                               f"and {MIXED}.")
         return report
     if report.quant_algo == "NVFP4" and report.group_size != 16:
         report.findings.append(f"group_size is {report.group_size}; NVFP4 uses one E4M3 scale per 16 values.")
@@ -158,33 +234,34 @@ def check_checkpoint(folder: str | Path) -> CheckpointReport:
     if len(report.findings) > before:  # an unreadable file: every tensor in it would be reported missing
         return report
     linears, parameters, tied = _linear_shapes(config)
-    excluded = q.get("exclude_modules") or []
-    expected = EXPECTED[report.quant_algo]
-    group = report.group_size or 16
+    formats = _layer_formats(q, linears, report)
     seen, scales = set(), []
     for name, (out_f, in_f) in linears.items():
-        if _excluded(name, excluded):
+        if name not in formats:
             continue
+        algo, group = formats[name]
         report.quantized_layers += 1
-        for suffix, (dtype, shape_of) in expected.items():
+        for suffix, (dtype, shape_of) in EXPECTED[algo].items():
             key = f"{name}.{suffix}"
             if key not in tensors:
-                if suffix != "input_scale":  # weight-only checkpoints have no input_scale
+                if suffix not in OPTIONAL:
                     report.findings.append(f"{key} is missing.")
                 continue
             seen.add(key)
             report.tensors_checked += 1
             got_dtype, got_shape, path = tensors[key]
             want_shape = shape_of(out_f, in_f, group)
-            if got_dtype != dtype:
-                report.findings.append(f"{key} is {got_dtype}, expected {dtype}.")
+            allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+            if got_dtype not in allowed:
+                report.findings.append(f"{key} is {got_dtype}, expected {' or '.join(allowed)}.")
             per_tensor_as_vector = want_shape == () and got_shape in ((1,), (out_f, 1), (out_f,))
             if got_shape != want_shape and not (per_tensor_as_vector and suffix == "weight_scale"):
-                grouping = f", group {group}" if report.quant_algo == "NVFP4" else ""
+                grouping = f", group {group}" if algo in DEFAULT_GROUP else ""
                 report.findings.append(f"{key} has shape {list(got_shape)}, expected {list(want_shape)} "
                                        f"(layer {out_f}x{in_f}{grouping}).")
-            if suffix != "weight" and got_dtype == dtype:
+            if suffix != "weight" and got_dtype in allowed and got_dtype != "U8":  # U8 scales: E8M0 exponents
                 scales.append((key, path))
+    seen |= _check_kv_scales(q.get("kv_cache_quant_algo"), linears, tensors, report, scales)
     _check_values(scales, report)
     # every other parameter (norms, embeddings) must be there, and nothing unknown may be
     for name in sorted(parameters):
@@ -194,7 +271,7 @@ def check_checkpoint(folder: str | Path) -> CheckpointReport:
         if tied and name == "lm_head.weight":
             continue
         module = name.rsplit(".", 1)[0]
-        if not (module in linears and not _excluded(module, excluded) and name.endswith(".weight")):
+        if not (module in formats and name.endswith(".weight")):
             report.findings.append(f"{name} is missing.")
     unknown = sorted(set(tensors) - seen - parameters)
     if unknown:

@@ -85,9 +85,9 @@ def fp8_status() -> str:
 
 
 def reset_peak_memory() -> None:
-    """Start a new peak-memory measurement on the GPU (the CPU's peak RSS cannot be reset)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    """Start a new peak-memory measurement on every visible GPU (the CPU's peak RSS cannot be reset)."""
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(index)
 
 
 def peak_memory_bytes(device: str) -> int:

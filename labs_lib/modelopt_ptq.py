@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -12,8 +13,8 @@ from tqdm.auto import tqdm
 from .errors import LabsError
 from .files import atomic_folder
 
-__all__ = ["require_modelopt", "modelopt_quantize", "modelopt_export", "export_folder", "exported_checkpoint",
-           "checkpoint_files"]
+__all__ = ["require_modelopt", "modelopt_config", "modelopt_quantize", "modelopt_export", "export_folder",
+           "exported_checkpoint", "checkpoint_files"]
 
 EXPORT_SUFFIX = {"NVFP4_DEFAULT_CFG": "nvfp4", "FP8_DEFAULT_CFG": "fp8"}
 
@@ -26,27 +27,42 @@ def require_modelopt():
     return mtq
 
 
-def modelopt_quantize(model, config_name: str, batches: torch.Tensor):
-    """`mtq.quantize(model, mtq.<config_name>, forward_loop)` calibrated on `batches` (in place)."""
+def modelopt_config(config_name: str) -> dict:
+    """Model Optimizer's config `mtq.<config_name>`, or a LabsError listing the configs there are."""
     mtq = require_modelopt()
     if not hasattr(mtq, config_name):
         choices = ", ".join(n for n in dir(mtq) if n.endswith("_CFG"))
         raise LabsError(f"Model Optimizer has no config {config_name}; choose one of: {choices}")
-    device = next(model.parameters()).device
-
-    def forward_loop(m):
-        for batch in tqdm(batches, desc=f"calibrating {config_name}", leave=False):
-            m(batch.unsqueeze(0).to(device))
-
-    return mtq.quantize(model, getattr(mtq, config_name), forward_loop)
+    return getattr(mtq, config_name)
 
 
-def modelopt_export(model, folder: Path) -> Path:
-    """`export_hf_checkpoint` into a temporary folder, renamed to `folder` only when complete."""
+def modelopt_quantize(model, config: str | dict, batches: torch.Tensor | None = None,
+                      forward_loop: Callable | None = None):
+    """`mtq.quantize(model, config, forward_loop)` in place. `config` is a config name (mtq.<name>) or a config
+    dict; the forward loop is `forward_loop`, else one that runs each row of `batches` (a progress bar)."""
+    mtq = require_modelopt()
+    label = config if isinstance(config, str) else "model"
+    if isinstance(config, str):
+        config = modelopt_config(config)
+    if forward_loop is None:
+        device = next(model.parameters()).device
+
+        def forward_loop(m):
+            for batch in tqdm(batches, desc=f"calibrating {label}", leave=False):
+                m(batch.unsqueeze(0).to(device))
+
+    return mtq.quantize(model, config, forward_loop)
+
+
+def modelopt_export(model, folder: Path, fill: Callable[[Path], None] | None = None) -> Path:
+    """`export_hf_checkpoint` into a temporary folder, then `fill(temporary folder)` (tokenizer, report), renamed
+    to `folder` only when all of it is complete."""
     from modelopt.torch.export import export_hf_checkpoint
 
     with atomic_folder(folder) as tmp:
         export_hf_checkpoint(model, export_dir=str(tmp))
+        if fill is not None:
+            fill(tmp)
     return Path(folder)
 
 

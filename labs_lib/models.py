@@ -222,33 +222,42 @@ def check_memory(n_params: int | None, dtype: torch.dtype, device: str = "cpu") 
         )
 
 
-def load_tokenizer(name: str | None = None):
+def load_tokenizer(name: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     label, source = _resolve(name)
     with _hub_errors(label):
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
-def model_config(name: str | None = None):
+def model_config(name: str | None = None, trust_remote_code: bool = False):
     """The model's transformers config: read from its config.json, no weights loaded."""
     from transformers import AutoConfig
 
     label, source = _resolve(name)
     with _hub_errors(label):
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
-def load_model(name: str | None = None, dtype: torch.dtype | None = None, device: str | None = None):
+def load_model(name: str | None = None, dtype: torch.dtype | None = None, device: str | None = None, *,
+               trust_remote_code: bool = False, device_map: str | dict | None = None,
+               max_memory: dict | None = None, offload_folder: str | Path | None = None):
     """A causal LM in eval mode, loaded straight onto `device` in `dtype` (None: the labs' policy, BF16 on a GPU and
-    float32 on a CPU; see hardware.default_device). None means `default_model()`; `EMBEDDED` is the packaged SmolLM2."""
+    float32 on a CPU; see hardware.default_device). None means `default_model()`; `EMBEDDED` is the packaged SmolLM2.
+
+    `device_map` ("auto": every visible GPU, then the CPU, then `offload_folder` on disk, within `max_memory`) hands
+    placement to accelerate instead; the memory check is then the caller's."""
     from transformers import AutoModelForCausalLM
 
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     label, source = _resolve(name)
     with _hub_errors(label):
-        check_memory(_parameter_count(source), dtype, device)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device)
+        if device_map is None:
+            check_memory(_parameter_count(source), dtype, device)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, device_map=device_map or device, trust_remote_code=trust_remote_code,
+            **({"max_memory": max_memory} if max_memory else {}),
+            **({"offload_folder": str(offload_folder)} if offload_folder else {}))
     model.name_or_label = label
     return model.eval()

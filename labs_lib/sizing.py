@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .blockquant import MXFP4, NVFP4, IntGroup, PerTensor, Scheme
+from .blockquant import MXFP4, NVFP4, IntGroup, PerChannel, PerTensor, Scheme
 from .errors import LabsError
 
-__all__ = ["ModelShape", "SHAPES", "FORMATS", "checkpoint_bytes", "LAB_COPIES", "lab_memory_plan", "SPARK_MEMORY_GB"]
+__all__ = ["ModelShape", "SHAPES", "FORMATS", "checkpoint_bytes", "LAB_COPIES", "lab_memory_plan", "SPARK_MEMORY_GB",
+           "calibration_memory_plan"]
 
 # DGX Spark: 128 GB LPDDR5x shared by CPU and GPU (nvidia.com/en-us/products/workstations/dgx-spark/)
 SPARK_MEMORY_GB = 128
@@ -93,16 +94,21 @@ FORMATS: dict[str, Scheme | None] = {
     "nvfp4": NVFP4(),
     "mxfp4": MXFP4(),
     "int4_g128": IntGroup(4, 128, symmetric=False),
+    # the layouts of Model Optimizer's unified export (tensors listed in labs_lib.checkpoint_check.EXPECTED)
+    "int4_awq": IntGroup(4, 128, symmetric=True, scale_bits=32),  # packed INT4, one FP32 scale per 128 inputs
+    "int8": PerChannel("int8"),  # INT8 codes, one FP32 scale per output row
 }
 
 
-def checkpoint_bytes(shape: ModelShape, fmt: str) -> dict[str, float]:
-    """Bytes of a checkpoint whose decoder Linears are in `fmt` and whose other tensors are BF16."""
+def checkpoint_bytes(shape: ModelShape, fmt: str, kept_bytes_per_param: int = 2) -> dict[str, float]:
+    """Bytes of a checkpoint whose decoder Linears are in `fmt` and whose other tensors are BF16 (or
+    `kept_bytes_per_param` wide: an export keeps them in the dtype the model was loaded in)."""
     if fmt not in FORMATS:
         raise LabsError(f"Unknown format '{fmt}': use one of {', '.join(FORMATS)}.")
     scheme = FORMATS[fmt]
-    per_layer = sum(o * i * 2 if scheme is None else scheme.storage_bytes((o, i)) for o, i in shape.linear_shapes())
-    quantized, kept = shape.layers * per_layer, shape.kept_params * 2
+    width = 2 if scheme is None else kept_bytes_per_param
+    per_layer = sum(o * i * width if scheme is None else scheme.storage_bytes((o, i)) for o, i in shape.linear_shapes())
+    quantized, kept = shape.layers * per_layer, shape.kept_params * width
     bf16_total = shape.params * 2
     return {"quantized_bytes": quantized, "kept_bytes": kept, "total_bytes": quantized + kept,
             "ratio_vs_bf16": bf16_total / (quantized + kept)}
@@ -123,6 +129,20 @@ def lab_memory_plan(shape: ModelShape, lab: str, bytes_per_param: int = 2, calib
     total = copies * weights + activations + logits
     return {"weights_bytes": weights, "copies": copies, "activation_bytes": activations,
             "logit_bytes": logits, "total_bytes": total}
+
+
+def calibration_memory_plan(shape: ModelShape, fmt: str, bytes_per_param: int, batch: int,
+                            seq_len: int) -> dict[str, float]:
+    """Bytes to calibrate and export `shape` in `fmt`: the weights at the load dtype, the peak while one batch runs
+    through the decoder (the widest activations of a layer and a fake-quantized copy of the largest weight; the
+    lm_head is not run), and the checkpoint. An estimate from the config, not a measurement."""
+    weights = shape.params * bytes_per_param
+    q_width = shape.heads * shape.head_dim
+    activations = batch * seq_len * (4 * shape.hidden + 2 * q_width + 3 * shape.intermediate) * bytes_per_param
+    largest = max(o * i for o, i in shape.linear_shapes()) * bytes_per_param
+    return {"parameters": shape.params, "weights_bytes": weights, "activation_bytes": activations,
+            "peak_bytes": weights + activations + largest,
+            "output_bytes": checkpoint_bytes(shape, fmt, bytes_per_param)["total_bytes"]}
 
 
 def spark_plan_rows(memory_gb: float = SPARK_MEMORY_GB) -> list[dict]:
