@@ -119,7 +119,7 @@ def test_gptqmodel_checkpoint_reloads_on_cuda_with_192_wide_projections(tmp_path
     error = ((out - ref).norm() / ref.norm()).item()
     print(f"{method}: kernels {sorted(kernels)}, relative logit error {error:.4f}")
     assert kernels == {"TritonV2Linear" if method == "gptq" else "AwqGEMMTritonLinear"}
-    assert error < 0.3  # 4-bit g64 on random weights measured 0.13 (GPTQ), 0.19 (AWQ) on an H200; a wrong kernel gives ~1
+    assert error < 0.3  # 4-bit g64, random weights: 0.13 (GPTQ), 0.19 (AWQ) on an H200; a wrong kernel gives ~1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
