@@ -365,6 +365,28 @@ def _qwen3_14b_bf16_gb_solution() -> float:
     return (linears + norms + 2 * vocab * hidden) * 2 / 1e9
 
 
+def _peak_cases() -> tuple[Case, ...]:
+    from .sizing import SHAPES
+
+    return (Case("Llama-3.1-8B at the CLI's defaults (batch 8 x 512)", (SHAPES["Llama-3.1-8B"], 8, 512)),
+            Case("Qwen3-14B (head_dim apart from hidden / heads)", (SHAPES["Qwen3-14B"], 8, 512)),
+            Case("Llama-3.1-70B, one short sample", (SHAPES["Llama-3.1-70B"], 1, 128)))
+
+
+def _peak_reference(shape, batch: int, seq_len: int) -> float:
+    from .sizing import calibration_memory_plan
+
+    return calibration_memory_plan(shape, "nvfp4", 2, batch, seq_len)["peak_bytes"]
+
+
+def calibration_peak_solution(shape, batch: int, seq_len: int) -> float:
+    """BF16 weights + one batch through a layer's widest activations + a fake-quantized copy of the largest Linear."""
+    weights = shape.params * 2
+    activations = batch * seq_len * (4 * shape.hidden + 2 * shape.heads * shape.head_dim + 3 * shape.intermediate) * 2
+    largest = max(out * inp for out, inp in shape.linear_shapes()) * 2
+    return weights + activations + largest
+
+
 def _mix_counts_solution(weights=(0.5, 0.3, 0.2), total=7) -> tuple[int, ...]:
     """Floor each exact share, then give the samples left over to the largest fractional parts."""
     exact = [total * w / sum(weights) for w in weights]
@@ -503,6 +525,15 @@ EXERCISES: dict[str, Exercise] = {
         _qwen3_14b_bf16_gb, _qwen3_14b_bf16_gb_solution, rel=1e-3,
         hint="count the Linears (q, k, v, o, gate, up, down), the norms, the embedding and the lm_head, at 2 bytes",
         hidden=5120, layers=40, heads=40, head_dim=128, kv_heads=8, intermediate=17408, vocab=151936),
+    "calibration_peak_bytes": Exercise(
+        "09", "function",
+        "Write `calibration_peak_bytes(shape, batch, seq_len)`, the dry run's calibration peak for a model loaded in "
+        "BF16 ({width} bytes per value), from a labs_lib.sizing.ModelShape: the weights (`shape.params` values), plus "
+        "one batch of batch x seq_len tokens through a layer's widest activations (per token 4 x hidden + 2 x heads x "
+        "head_dim + 3 x intermediate values), plus a fake-quantized copy of the largest Linear weight (the largest "
+        "out x in of `shape.linear_shapes()`).",
+        calibration_peak_solution, _peak_reference, params={"width": 2}, cases=_peak_cases(),
+        compare=lambda got, want: math.isclose(float(got), want, rel_tol=1e-12)),
     "mix_counts_example": Exercise(
         "09", "number", "A calibration YAML asks for {total} samples from three sources with weights {weights}. How "
         "many samples does each source give under largest-remainder rounding? Answer a tuple, in source order.",

@@ -140,3 +140,11 @@ def test_mix_counts_solution_is_labs_lib_mix_counts_on_other_inputs():
 
     for weights, total in [((1, 1, 1), 10), ((0.3, 0.3, 0.2, 0.2), 64), ((5, 1), 3), ((0.1, 0.9), 200)]:
         assert list(exercises._mix_counts_solution(weights, total)) == mix_counts(list(weights), total)
+
+
+def test_calibration_peak_checker_rejects_a_peak_without_the_activations():
+    def weights_only(shape, batch, seq_len):
+        return shape.params * 2 + max(o * i for o, i in shape.linear_shapes()) * 2
+
+    ok, detail = judge("calibration_peak_bytes", weights_only)
+    assert not ok and "Llama-3.1-8B" in detail
