@@ -350,6 +350,58 @@ def _spark_ceiling_70b_nvfp4_solution() -> float:
     return 273e9 / bytes_per_token
 
 
+def _qwen3_14b_bf16_gb() -> float:
+    from .sizing import SHAPES
+
+    return SHAPES["Qwen3-14B"].params * 2 / 1e9
+
+
+def _qwen3_14b_bf16_gb_solution() -> float:
+    """Every parameter in 2 bytes: 7 Linears per layer, two norms per layer plus q/k norms, embedding, lm_head."""
+    hidden, layers, heads, kv_heads, head_dim, intermediate, vocab = 5120, 40, 40, 8, 128, 17408, 151936
+    q, kv = heads * head_dim, kv_heads * head_dim
+    linears = layers * (hidden * (q + 2 * kv) + q * hidden + 3 * hidden * intermediate)
+    norms = layers * (2 * hidden + 2 * head_dim) + hidden
+    return (linears + norms + 2 * vocab * hidden) * 2 / 1e9
+
+
+def _peak_cases() -> tuple[Case, ...]:
+    from .sizing import SHAPES
+
+    return (Case("Llama-3.1-8B at the CLI's defaults (batch 8 x 512)", (SHAPES["Llama-3.1-8B"], 8, 512)),
+            Case("Qwen3-14B (head_dim apart from hidden / heads)", (SHAPES["Qwen3-14B"], 8, 512)),
+            Case("Llama-3.1-70B, one short sample", (SHAPES["Llama-3.1-70B"], 1, 128)))
+
+
+def _peak_reference(shape, batch: int, seq_len: int) -> float:
+    from .sizing import calibration_memory_plan
+
+    return calibration_memory_plan(shape, "nvfp4", 2, batch, seq_len)["peak_bytes"]
+
+
+def calibration_peak_solution(shape, batch: int, seq_len: int) -> float:
+    """BF16 weights + one batch through a layer's widest activations + a fake-quantized copy of the largest Linear."""
+    weights = shape.params * 2
+    activations = batch * seq_len * (4 * shape.hidden + 2 * shape.heads * shape.head_dim + 3 * shape.intermediate) * 2
+    largest = max(out * inp for out, inp in shape.linear_shapes()) * 2
+    return weights + activations + largest
+
+
+def _mix_counts_solution(weights=(0.5, 0.3, 0.2), total=7) -> tuple[int, ...]:
+    """Floor each exact share, then give the samples left over to the largest fractional parts."""
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [math.floor(e) for e in exact]
+    for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: total - sum(counts)]:
+        counts[i] += 1
+    return tuple(counts)
+
+
+def _mix_counts_reference(weights: tuple[float, ...], total: int) -> tuple[int, ...]:
+    from .calibration import mix_counts
+
+    return tuple(mix_counts(list(weights), total))
+
+
 def _number(lab: str, question: str, reference: Callable[[], float], solution: Callable, rel: float = 1e-6,
             hint: str = "", **params) -> Exercise:
     return Exercise(lab, "number", question, solution, reference, params, rel=rel, hint=hint)
@@ -464,6 +516,30 @@ EXERCISES: dict[str, Exercise] = {
         "08", "What is the batch-1 decode ceiling (tokens/s) of Llama 3.1 70B in NVFP4 ({bits} bits per weight for "
         "the Linear layers, `lm_head` in BF16, KV cache ignored) on a DGX Spark?", _spark_ceiling_70b_nvfp4,
         _spark_ceiling_70b_nvfp4_solution, rel=0.02, bits=4.5),
+    # lab 09
+    "qwen3_14b_bf16_gb": _number(
+        "09", "A dry run needs only config.json. How many GB (1e9 bytes) do Qwen3-14B's weights take in BF16? Its "
+        "config: hidden {hidden}, {layers} layers, {heads} heads of {head_dim}, {kv_heads} KV heads, intermediate "
+        "{intermediate}, vocabulary {vocab}, untied lm_head; each layer has two norms of width hidden and q/k norms "
+        "of width head_dim, plus one final norm.",
+        _qwen3_14b_bf16_gb, _qwen3_14b_bf16_gb_solution, rel=1e-3,
+        hint="count the Linears (q, k, v, o, gate, up, down), the norms, the embedding and the lm_head, at 2 bytes",
+        hidden=5120, layers=40, heads=40, head_dim=128, kv_heads=8, intermediate=17408, vocab=151936),
+    "calibration_peak_bytes": Exercise(
+        "09", "function",
+        "Write `calibration_peak_bytes(shape, batch, seq_len)`, the dry run's calibration peak for a model loaded in "
+        "BF16 ({width} bytes per value), from a labs_lib.sizing.ModelShape: the weights (`shape.params` values), plus "
+        "one batch of batch x seq_len tokens through a layer's widest activations (per token 4 x hidden + 2 x heads x "
+        "head_dim + 3 x intermediate values), plus a fake-quantized copy of the largest Linear weight (the largest "
+        "out x in of `shape.linear_shapes()`).",
+        calibration_peak_solution, _peak_reference, params={"width": 2}, cases=_peak_cases(),
+        compare=lambda got, want: math.isclose(float(got), want, rel_tol=1e-12)),
+    "mix_counts_example": Exercise(
+        "09", "number", "A calibration YAML asks for {total} samples from three sources with weights {weights}. How "
+        "many samples does each source give under largest-remainder rounding? Answer a tuple, in source order.",
+        _mix_counts_solution, lambda: _mix_counts_reference((0.5, 0.3, 0.2), 7),
+        params={"total": 7, "weights": [0.5, 0.3, 0.2]},
+        hint="floor each exact share first; the samples left over go to the largest fractional parts"),
 }
 
 

@@ -12,11 +12,12 @@ import torch
 from safetensors import safe_open
 
 from .blockquant import E2M1_MAX, E4M3_MAX, NVFP4
+from .fake_quant import _activation_hook
 from .layerwise import SKIP, linear_layers
 
 FUSED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
-__all__ = ["FUSED_INPUTS", "shared_weight_amax", "nvfp4_state_dict", "compare_with_checkpoint"]
+__all__ = ["FUSED_INPUTS", "shared_weight_amax", "nvfp4_state_dict", "compare_with_checkpoint", "load_nvfp4_into"]
 
 
 def shared_weight_amax(model, skip: tuple[str, ...] = SKIP) -> dict[str, torch.Tensor]:
@@ -57,3 +58,27 @@ def compare_with_checkpoint(ours: dict[str, torch.Tensor], safetensors_path) -> 
             )
             same, differ = same + identical, differ + (not identical)
     return {"identical": same, "different": differ}
+
+
+@torch.no_grad()
+def load_nvfp4_into(model, folder, activations: bool = True) -> list[str]:
+    """Emulate an exported NVFP4 checkpoint in float: each of its quantized Linears gets the dequantized weight (in
+    place, in `model`'s dtype) and, with `activations`, an input rounded to NVFP4 with the stored input_scale (as
+    W4A4 kernels do). Returns the layers replaced. No FP4 kernel runs; the KV-cache quantization is not emulated."""
+    from pathlib import Path
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    replaced = []
+    for name, layer in linear_layers(model, skip=()).items():
+        if f"{name}.weight_scale" not in tensors:
+            continue
+        q = {k: tensors[f"{name}.{k}"] for k in ("weight", "weight_scale", "weight_scale_2")}
+        layer.weight.copy_(NVFP4().dequantize(q).reshape(layer.weight.shape).to(layer.weight.dtype))
+        if activations and f"{name}.input_scale" in tensors:
+            amax = tensors[f"{name}.input_scale"].float().to(layer.weight.device) * (E2M1_MAX * E4M3_MAX)
+            layer.register_forward_pre_hook(_activation_hook(NVFP4(), amax))
+        replaced.append(name)
+    return replaced

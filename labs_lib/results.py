@@ -17,7 +17,8 @@ from .lab import LabConfig
 LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "gptqmodel", "gguf", "llama_cpp_python", "torchao",
              "transformer-engine", "lm_eval", "bitsandbytes", "ml-dtypes", "numpy")
 RESULT_FILES = {"01": "01_data_types", "02": "02_nvfp4", "03": "03_gptq", "04": "04_awq", "05": "05_gguf",
-                "06": "06_fp8", "07": "07_quality", "08": "08_engine"}
+                "06": "06_fp8", "07": "07_quality", "08": "08_engine",
+                "09": "09_byom"}
 
 __all__ = ["results_dir", "save_figure", "save_results", "library_versions", "recorded"]
 

@@ -153,7 +153,7 @@ def spark_plan_rows(memory_gb: float = SPARK_MEMORY_GB) -> list[dict]:
         rows.append({"model": name, "parameters (B)": round(shape.params / 1e9, 2),
                      "BF16 checkpoint GB": round(checkpoint_bytes(shape, "bf16")["total_bytes"] / 1e9, 1),
                      "NVFP4 checkpoint GB": round(checkpoint_bytes(shape, "nvfp4")["total_bytes"] / 1e9, 1),
-                     "lab 01 needs GB (1 copy)": round(one), "labs 02-08 need GB (2 copies)": round(two),
+                     "lab 01 needs GB (1 copy)": round(one), "labs 02-09 need GB (2 copies)": round(two),
                      f"labs fit {memory_gb:g} GB": "all" if two <= memory_gb
                      else ("lab 01" if one <= memory_gb else "none")})
     return rows

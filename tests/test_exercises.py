@@ -131,3 +131,20 @@ def test_known_answers():
     assert judge("decode_tok_s_example", 50)[0] and not judge("decode_tok_s_example", 64 / 1.38)[0]
     assert judge("llama70b_nvfp4_spark_ceiling", 6.72)[0] and not judge("llama70b_nvfp4_spark_ceiling", 273 / 70.6)[0]
     assert judge("delayed_scale_step4", 448 / 12)[0] and not judge("delayed_scale_step4", 448 / 6)[0]
+    assert judge("mix_counts_example", (4, 2, 1))[0] and not judge("mix_counts_example", (3, 2, 2))[0]
+    assert math.isclose(EXERCISES["qwen3_14b_bf16_gb"].reference(), 29.5, rel_tol=0.01)  # 14.8 B parameters
+
+
+def test_mix_counts_solution_is_labs_lib_mix_counts_on_other_inputs():
+    from labs_lib.calibration import mix_counts
+
+    for weights, total in [((1, 1, 1), 10), ((0.3, 0.3, 0.2, 0.2), 64), ((5, 1), 3), ((0.1, 0.9), 200)]:
+        assert list(exercises._mix_counts_solution(weights, total)) == mix_counts(list(weights), total)
+
+
+def test_calibration_peak_checker_rejects_a_peak_without_the_activations():
+    def weights_only(shape, batch, seq_len):
+        return shape.params * 2 + max(o * i for o, i in shape.linear_shapes()) * 2
+
+    ok, detail = judge("calibration_peak_bytes", weights_only)
+    assert not ok and "Llama-3.1-8B" in detail
