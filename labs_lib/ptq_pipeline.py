@@ -356,15 +356,15 @@ def next_steps(folder: Path) -> list[str]:
         if quant_config.exists() else None
     kv_flag = " --kv-cache-dtype fp8" if kv_algo == "FP8" else ""  # vLLM's "auto" keeps a 16-bit cache in older builds
 
-    def curl(model: str) -> str:
+    def curl(model: str, when: str = "then") -> str:
         url, body = playbook_request(model=model, port=SERVE_PORT)
-        return f"  then: curl -s {url} -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
+        return f"  {when}: curl -s {url} -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
 
     return [f"TensorRT-LLM in NVIDIA's container (serves it as {SERVED_MODEL}): docker/run_trtllm.sh {path}",
             curl(SERVED_MODEL),
             f"TensorRT-LLM where it is installed: {serve_command(model=path, port=SERVE_PORT)}",
             f"vLLM: vllm serve {path} --port {SERVE_PORT}{kv_flag}",
-            "  then, for either (both answer to the folder's path):", curl(path)]
+            curl(path, "then, for either (both answer to the folder's path)")]
 
 
 def _model_bytes(model: torch.nn.Module) -> tuple[int, int]:
