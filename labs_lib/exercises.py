@@ -366,10 +366,13 @@ def _qwen3_14b_bf16_gb_solution() -> float:
 
 
 def _peak_cases() -> tuple[Case, ...]:
-    from .sizing import SHAPES
+    from .sizing import SHAPES, ModelShape
 
     return (Case("Llama-3.1-8B at the CLI's defaults (batch 8 x 512)", (SHAPES["Llama-3.1-8B"], 8, 512)),
-            Case("Qwen3-14B (head_dim apart from hidden / heads)", (SHAPES["Qwen3-14B"], 8, 512)),
+            # Qwen/Qwen3-32B's config.json: 64 heads of 128 on a hidden size of 5120 (5120 / 64 = 80)
+            Case("Qwen3-32B (head_dim 128, not hidden / heads = 80)",
+                 (ModelShape(hidden=5120, layers=64, heads=64, kv_heads=8, intermediate=25600, vocab=151936,
+                             head_size=128, qk_norm=True), 8, 512)),
             Case("Llama-3.1-70B, one short sample", (SHAPES["Llama-3.1-70B"], 1, 128)))
 
 

@@ -14,8 +14,9 @@ __all__ = ["default_device", "default_dtype", "device_info", "fp4_status", "fp8_
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-# Blackwell: 10.0 (B200), 10.3 (B300), 12.0 (RTX 50), 12.1 (GB10, DGX Spark). Hopper 9.0 and Ada 8.9 have FP8.
-FP4_MAJORS = (10, 12)
+# Blackwell: 10.0 (B200), 10.3 (B300), 11.0 (Jetson Thor), 12.0 (RTX 50), 12.1 (GB10, DGX Spark), per
+# https://developer.nvidia.com/cuda-gpus. Hopper 9.0 and Ada 8.9 have FP8.
+FP4_MAJORS = (10, 11, 12)
 
 
 def default_device() -> str:
@@ -70,7 +71,8 @@ def fp4_status() -> str:
                 "Blackwell tensor cores).")
     gpu = f"{info['name']} (compute capability {info['compute_capability']})"
     where = "this CPU" if info["device"] == "cpu" else gpu
-    return (f"Native FP4: no on {where}; FP4 tensor cores need Blackwell (compute capability 10.x or 12.x). "
+    return (f"Native FP4: no on {where}; FP4 tensor cores need Blackwell (compute capability 10.x, "
+            "11.0 on Thor, or 12.x). "
             "FP4 is emulated here: values are rounded to the exact FP4 grid and multiplied in the lab's dtype "
             "(float32 on a CPU, BF16 on a GPU), "
             "so accuracy and sizes are real but speed is not.")

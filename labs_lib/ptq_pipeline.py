@@ -346,15 +346,25 @@ def calibration_set(request: PtqRequest, tokenizer):
 
 
 def next_steps(folder: Path) -> list[str]:
-    """How to serve the checkpoint: trtllm-serve and vllm serve on the course's port, and the playbook's request."""
+    """How to serve the checkpoint on the course's port, each route with the request its server answers: the container
+    serves the folder as /model, trtllm-serve and vllm serve under its path; vLLM gets the FP8 KV cache it holds."""
     from .trtllm import SERVE_PORT, SERVED_MODEL, playbook_request, serve_command
 
     path = str(Path(folder).resolve())
-    url, body = playbook_request(model=path, port=SERVE_PORT)
+    quant_config = Path(folder) / "hf_quant_config.json"
+    kv_algo = json.loads(quant_config.read_text())["quantization"].get("kv_cache_quant_algo") \
+        if quant_config.exists() else None
+    kv_flag = " --kv-cache-dtype fp8" if kv_algo == "FP8" else ""  # vLLM's "auto" keeps a 16-bit cache in older builds
+
+    def curl(model: str, when: str = "then") -> str:
+        url, body = playbook_request(model=model, port=SERVE_PORT)
+        return f"  {when}: curl -s {url} -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
+
     return [f"TensorRT-LLM in NVIDIA's container (serves it as {SERVED_MODEL}): docker/run_trtllm.sh {path}",
+            curl(SERVED_MODEL),
             f"TensorRT-LLM where it is installed: {serve_command(model=path, port=SERVE_PORT)}",
-            f"vLLM: vllm serve {path} --port {SERVE_PORT}",
-            f"then: curl -s {url} -H 'Content-Type: application/json' -d '{json.dumps(body)}'"]
+            f"vLLM: vllm serve {path} --port {SERVE_PORT}{kv_flag}",
+            curl(path, "then, for either (both answer to the folder's path)")]
 
 
 def _model_bytes(model: torch.nn.Module) -> tuple[int, int]:

@@ -62,6 +62,10 @@ class ModelShape:
     def from_config(cls, config) -> "ModelShape":
         """From a transformers config (or its dict) of a Llama-style decoder."""
         get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+        moe = [k for k in MOE_FIELDS if get(k)]
+        if moe:
+            raise LabsError(f"config of model type '{get('model_type')}' is a mixture of experts ({', '.join(moe)}): "
+                            "MoE sizing is not supported yet; take its size from the model card.")
         try:
             heads = get("num_attention_heads")
             head_dim = get("head_dim")
@@ -69,12 +73,16 @@ class ModelShape:
                        kv_heads=get("num_key_value_heads") or heads, intermediate=get("intermediate_size"),
                        vocab=get("vocab_size"), tied=bool(get("tie_word_embeddings", False)),
                        head_size=head_dim if head_dim and head_dim != get("hidden_size") // heads else None,
-                       qk_norm=get("model_type") == "qwen3")
+                       qk_norm=str(get("model_type") or "").startswith("qwen3"))
         except TypeError:
             raise LabsError(f"config of model type '{get('model_type')}' lacks a Llama-style field "
                             "(hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, "
                             "vocab_size).") from None
 
+
+# config.json fields that mark a mixture-of-experts model (Qwen3-MoE, Mixtral/gpt-oss, DeepSeek), which a dense
+# Llama-style count would mis-size
+MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 
 # From each model's config.json on huggingface.co (the repository named in the comment).
 SHAPES: dict[str, ModelShape] = {

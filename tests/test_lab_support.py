@@ -45,6 +45,7 @@ def test_results_and_report(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("capability, fp8, fp4", [((12, 1), True, True),  # GB10 (DGX Spark)
                                                   ((10, 0), True, True),  # B200
+                                                  ((11, 0), True, True),  # Jetson Thor
                                                   ((9, 0), True, False),  # H100: FP8, no FP4
                                                   ((8, 9), True, False),  # Ada
                                                   ((8, 0), False, False)])  # A100

@@ -120,6 +120,8 @@ def test_export_is_valid(quant, kv, tiny, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == [quant]  # the temporary folder was renamed, nothing else left
     assert "trtllm-serve " + str(out_dir.resolve()) in out and "--port 8000" in out and "vllm serve" in out
     assert "curl -s http://localhost:8000/v1/chat/completions" in out
+    assert ("--kv-cache-dtype fp8" in out) == (kv == "fp8")  # vLLM serves the KV cache the checkpoint was made for
+    assert '"model": "/model"' in out and f'"model": "{out_dir.resolve()}"' in out  # container route, native routes
 
 
 def test_missing_kv_scale_is_found(tiny, tmp_path, capsys):

@@ -3,13 +3,12 @@ sources and committed outputs, the docs and the docker scripts agree with labs_l
 
 import json
 import re
-import shlex
 from pathlib import Path
 
 from labs_lib.trtllm import SERVE_PORT, SERVED_MODEL, playbook_request, serve_command
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVE_MARKERS = ("trtllm-serve", "curl ", "ENDPOINT", "/v1/")
+SERVE_MARKERS = ("trtllm-serve", "vllm serve", "curl ", "ENDPOINT", "/v1/")
 PORT = re.compile(r"--port[ =]+\"?(\$?\w+)|(?:localhost|host\.docker\.internal|0\.0\.0\.0):(\d+)")
 CURL_MODEL = re.compile(r"\"model\": *\"([^\"]+)\"")
 
@@ -49,17 +48,39 @@ def test_every_port_in_a_serve_command_or_request_is_the_served_port():
     assert not wrong, wrong
 
 
-def test_every_model_in_a_serve_command_or_request_is_the_served_model():
-    models = []
+def test_every_request_names_a_model_its_text_serves():
+    """A curl request names /model (docker/run_trtllm.sh's mount) or a model a command in the same text serves, and a
+    server started on anything else is asked for by name in that text."""
+    served, requested = {}, {}
     for name, line in serve_lines():
-        models += [(name, line, m) for m in CURL_MODEL.findall(line)]
-        words = shlex.split(line.replace("`", " "), posix=False) if "trtllm-serve " in line else []
-        for i, word in enumerate(words[:-2]):
-            if word == "trtllm-serve" and words[i + 2].startswith("--"):  # a command, not prose about it
-                models.append((name, line, words[i + 1].strip('"')))
-    assert any(m == SERVED_MODEL for _, _, m in models)
-    # the run script serves "$model", which is /model for a folder (the mount below)
-    wrong = [(name, line, m) for name, line, m in models if m not in (SERVED_MODEL, "$model")]
-    assert not wrong, wrong
+        requested.setdefault(name, set()).update(CURL_MODEL.findall(line))
+        words = line.replace("`", " ").split() if "serve " in line else []
+        for i, word in enumerate(words[:-1]):
+            command = word == "trtllm-serve" or (word == "serve" and i and words[i - 1] == "vllm")
+            if command and (word != "trtllm-serve" or i + 2 < len(words) and words[i + 2].startswith("--")):
+                served.setdefault(name, set()).add(words[i + 1].strip('"'))  # a command, not prose about it
+    assert any(SERVED_MODEL in models for models in requested.values())
+    wrong_requests = [(name, m) for name, models in requested.items() for m in models
+                      if m != SERVED_MODEL and m not in served.get(name, ())]
+    unasked = [(name, m) for name, models in served.items() for m in models
+               if m not in (SERVED_MODEL, "$model") and m not in requested.get(name, ())
+               and not m.startswith(("<", "$"))]
+    assert not wrong_requests and not unasked, (wrong_requests, unasked)
     script = (ROOT / "docker" / "run_trtllm.sh").read_text()
+    # the run script serves "$model", which is /model for a folder (the mount below)
     assert f':{SERVED_MODEL}:ro"' in script and f"model={SERVED_MODEL}" in script
+
+
+def test_next_steps_ask_each_route_for_the_model_it_serves(tmp_path):
+    import json as json_
+
+    from labs_lib.ptq_pipeline import next_steps
+
+    for kv, flag in (("FP8", True), (None, False)):
+        (tmp_path / "hf_quant_config.json").write_text(json_.dumps({"quantization": {"kv_cache_quant_algo": kv}}))
+        lines = next_steps(tmp_path)
+        path = str(tmp_path.resolve())
+        assert CURL_MODEL.findall(lines[1]) == [SERVED_MODEL] and "run_trtllm.sh " + path in lines[0]
+        assert CURL_MODEL.findall(lines[-1]) == [path] and f"trtllm-serve {path} " in lines[2]
+        assert lines[3].startswith(f"vLLM: vllm serve {path} --port {SERVE_PORT}")
+        assert ("--kv-cache-dtype fp8" in lines[3]) is flag

@@ -32,6 +32,27 @@ def test_untied_and_qk_norm_models_counted_exactly(kind):
     assert ModelShape.from_config(config).params == sum(p.numel() for p in model.parameters())
 
 
+# The MoE fields of real configs on huggingface.co: Qwen/Qwen3-30B-A3B, openai/gpt-oss-20b, deepseek-ai/DeepSeek-V3
+@pytest.mark.parametrize("model_type, moe", [("qwen3_moe", {"num_experts": 128, "moe_intermediate_size": 768}),
+                                             ("gpt_oss", {"num_local_experts": 32}),
+                                             ("deepseek_v3", {"n_routed_experts": 256, "moe_intermediate_size": 2048})])
+def test_moe_configs_are_refused_not_mis_sized(model_type, moe):
+    config = {"model_type": model_type, "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+              "num_key_value_heads": 4, "intermediate_size": 6144, "vocab_size": 151936, **moe}
+    with pytest.raises(LabsError, match="mixture of experts.*not supported"):
+        ModelShape.from_config(config)
+    dense = {k: v for k, v in config.items() if k not in moe}
+    assert ModelShape.from_config(dense).layers == 48  # the same fields without experts size as a dense model
+
+
+@pytest.mark.parametrize("model_type, qk_norm", [("qwen3", True), ("qwen3_next", True), ("llama", False),
+                                                 ("qwen2", False)])
+def test_qk_norm_follows_every_qwen3_model_type(model_type, qk_norm):
+    config = {"model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 96, "vocab_size": 101}
+    assert ModelShape.from_config(config).qk_norm is qk_norm
+
+
 def test_nvfp4_bytes_equal_model_optimizers_export(nvfp4_export):
     folder, _ = nvfp4_export
     from labs_lib.models import EMBEDDED, load_model
