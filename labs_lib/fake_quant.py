@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .blockquant import NVFP4, PerTensor, Scheme
 from .layerwise import SKIP, forward_pre_hooks, linear_layers
 
-__all__ = ["calibrate_input_amax", "fake_quantized_copy"]
+__all__ = ["activation_hook", "calibrate_input_amax", "fake_quantized_copy"]
 
 
 @torch.inference_mode()
@@ -36,7 +36,8 @@ def calibrate_input_amax(model, batches: torch.Tensor, skip: tuple[str, ...] = S
     return amax
 
 
-def _activation_hook(scheme: Scheme, amax: torch.Tensor | None):
+def activation_hook(scheme: Scheme, amax: torch.Tensor | None):
+    """A forward pre-hook that fake-quantizes a Linear's input with `scheme` (static `amax` for NVFP4/per-tensor)."""
     static = isinstance(scheme, (NVFP4, PerTensor)) and amax is not None
 
     def hook(module, args):
@@ -65,5 +66,5 @@ def fake_quantized_copy(
         if weights is not None:
             layer.weight.copy_(weights.fake_quantize(layer.weight).to(layer.weight.dtype))
         if activations is not None:
-            layer.register_forward_pre_hook(_activation_hook(activations, (input_amax or {}).get(name)))
+            layer.register_forward_pre_hook(activation_hook(activations, (input_amax or {}).get(name)))
     return model

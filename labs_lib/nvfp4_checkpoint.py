@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from .blockquant import E2M1_MAX, E4M3_MAX, NVFP4
-from .fake_quant import _activation_hook
+from .fake_quant import activation_hook
 from .layerwise import SKIP, linear_layers
 
 FUSED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -79,6 +79,6 @@ def load_nvfp4_into(model, folder, activations: bool = True) -> list[str]:
         layer.weight.copy_(NVFP4().dequantize(q).reshape(layer.weight.shape).to(layer.weight.dtype))
         if activations and f"{name}.input_scale" in tensors:
             amax = tensors[f"{name}.input_scale"].float().to(layer.weight.device) * (E2M1_MAX * E4M3_MAX)
-            layer.register_forward_pre_hook(_activation_hook(NVFP4(), amax))
+            layer.register_forward_pre_hook(activation_hook(NVFP4(), amax))
         replaced.append(name)
     return replaced
