@@ -181,7 +181,8 @@ def test_fake_quantized_weights_on_gpu_equal_the_cpu(scheme):
     tensor by a Python scalar through its reciprocal, so NVFP4's FP32 tensor scale (amax / 2688) can be one ulp off
     the CPU's (every dequantized value then moves by that ulp), and INT4 moved 115 of 1,572,864 codes at ties."""
     from labs_lib.blockquant import MXFP4, IntGroup
-    from labs_lib.fake_quant import fake_quantized_copy, linear_layers
+    from labs_lib.fake_quant import fake_quantized_copy
+    from labs_lib.layerwise import linear_layers
 
     chosen = {"NVFP4": NVFP4(), "MXFP4": MXFP4(), "INT4": IntGroup(4, 64, symmetric=False)}[scheme]
     model = tiny_llama()
