@@ -1,13 +1,17 @@
 """Calibration and evaluation text: wikitext-2 from the Hub, or one of two embedded corpora on disk.
 
-The embedded corpora come with Python itself, so they work with no network at all: `pydoc_data.topics` (the
-English text of `help()` topics), split by topic, and the source code of a fixed list of standard-library modules,
-split by module, each into disjoint calibration and evaluation parts.
+The embedded corpora are Python's own texts, so they work with no network at all: `pydoc_data.topics` (the English
+text of `help()` topics), split by topic, and the source code of a fixed list of standard-library modules, split by
+module, each into disjoint calibration and evaluation parts. Both are read from a snapshot of one CPython release
+(embedded_corpora.json.gz), not from the running Python: the texts change between releases (3.11 and 3.12 differ),
+and every machine must evaluate the same tokens for their perplexities to be comparable.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import gzip
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +36,8 @@ EMBEDDED_CORPORA = {
 }
 
 __all__ = ["Corpus", "EMBEDDED_CORPUS", "STDLIB_SOURCE", "EMBEDDED_CORPORA", "STDLIB_MODULES", "WIKITEXT",
-           "default_corpus", "embedded_documents", "load_corpus", "calibration_batches", "evaluation_tokens",
-           "tokenize"]
+           "embedded_snapshot", "default_corpus", "embedded_documents", "load_corpus", "calibration_batches",
+           "evaluation_tokens", "tokenize"]
 
 
 @dataclass(frozen=True)
@@ -48,9 +52,17 @@ def default_corpus() -> str:
     return os.environ.get("LABS_CORPUS", "").strip() or (WIKITEXT if hub_reachable() else EMBEDDED_CORPUS)
 
 
-def _python_reference() -> tuple[list[str], list[str]]:
-    from pydoc_data.topics import topics
+SNAPSHOT = Path(__file__).with_name("embedded_corpora.json.gz")
 
+
+@functools.cache
+def embedded_snapshot() -> dict:
+    """The pinned texts: {"python": version, "topics": pydoc_data.topics, "stdlib": {module: source}}."""
+    return json.loads(gzip.decompress(SNAPSHOT.read_bytes()))
+
+
+def _python_reference() -> tuple[list[str], list[str]]:
+    topics = embedded_snapshot()["topics"]
     names = sorted(topics)
     calibration = [topics[n].strip() for i, n in enumerate(names) if i % 3 != 2]
     # every third topic (in name order) is held out for evaluation; some topics repeat paragraphs of
@@ -62,7 +74,7 @@ def _python_reference() -> tuple[list[str], list[str]]:
 
 
 def _stdlib_source() -> tuple[list[str], list[str]]:
-    texts = [Path(importlib.util.find_spec(m).origin).read_text(encoding="utf-8") for m in STDLIB_MODULES]
+    texts = [embedded_snapshot()["stdlib"][m] for m in STDLIB_MODULES]
     return ([t for i, t in enumerate(texts) if i % 3 != 2], [t for i, t in enumerate(texts) if i % 3 == 2])
 
 

@@ -171,7 +171,8 @@ def underflow_fraction(x: torch.Tensor, fmt: str, scale: float | torch.Tensor = 
     nonzero = x[x != 0].float()
     if nonzero.numel() == 0:
         return 0.0
-    return (quantize(nonzero.cpu(), fmt, torch.as_tensor(scale, dtype=torch.float32)) == 0).float().mean().item()
+    scale = torch.as_tensor(scale, dtype=torch.float32).cpu()  # a GPU tensor's amax-derived scale, with the values
+    return (quantize(nonzero.cpu(), fmt, scale) == 0).float().mean().item()
 
 
 def gemm_accumulation_error(k: int = 4096, device: str = "cuda") -> dict[str, float]:

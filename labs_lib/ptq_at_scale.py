@@ -112,7 +112,7 @@ def compare_checkpoints(a: Path, b: Path) -> dict:
         x, y = ta[name], tb[name]
         if x.dtype != y.dtype or x.shape != y.shape:
             differing[name] = {"a": f"{x.dtype} {tuple(x.shape)}", "b": f"{y.dtype} {tuple(y.shape)}"}
-        elif not torch.equal(x.view(torch.uint8), y.view(torch.uint8)):
+        elif not torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):
             fx, fy = x.float(), y.float()
             differing[name] = {"dtype": str(x.dtype), "elements": int((fx != fy).sum()), "of": x.numel(),
                                "max_abs_diff": float((fx - fy).abs().max())}

@@ -109,14 +109,15 @@ def size_bytes(flag: str, value: str) -> int:
 
 
 def max_memory_map(max_gpu: str | None, max_cpu: str | None) -> dict | None:
-    """accelerate's max_memory ({gpu index: size, "cpu": size}) from --max_gpu_memory / --max_cpu_memory."""
+    """accelerate's max_memory ({gpu index: size, "cpu": size}) from --max_gpu_memory / --max_cpu_memory. A device
+    left out of the map gets nothing, so without --max_cpu_memory the CPU gets its available memory: what does not
+    fit the GPUs goes to the CPU, not to disk (an H200 run with --max_gpu_memory alone put 16 of 36 modules on disk)."""
+    from .models import available_memory_bytes
+
     if not (max_gpu or max_cpu):
         return None
-    limits = {}
-    if max_gpu:
-        limits.update({i: max_gpu for i in range(torch.cuda.device_count())})
-    if max_cpu:
-        limits["cpu"] = max_cpu
+    limits: dict = {i: max_gpu for i in range(torch.cuda.device_count())} if max_gpu else {}
+    limits["cpu"] = max_cpu or available_memory_bytes("cpu")
     return limits
 
 

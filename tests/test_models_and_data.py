@@ -177,3 +177,22 @@ def test_wikitext_path_uses_train_for_calibration_and_test_for_evaluation(monkey
     monkeypatch.setattr(data, "hub_reachable", lambda: False)
     with pytest.raises(LabsError, match="cannot be reached"):
         data.load_corpus("wikitext-2-raw-v1")
+
+
+def test_embedded_corpora_come_from_the_pinned_snapshot():
+    """Every machine reads the same texts; where the running Python is the snapshot's release, they equal its own."""
+    import importlib.util
+    import platform
+    from pathlib import Path
+
+    from labs_lib.data import STDLIB_MODULES, embedded_snapshot
+
+    snapshot = embedded_snapshot()
+    assert set(snapshot["stdlib"]) == set(STDLIB_MODULES) and len(snapshot["topics"]) > 50
+    if platform.python_version() != snapshot["python"]:
+        pytest.skip(f"Python {platform.python_version()} is not the snapshot's {snapshot['python']}")
+    from pydoc_data.topics import topics
+
+    assert snapshot["topics"] == topics
+    assert all(snapshot["stdlib"][m] == Path(importlib.util.find_spec(m).origin).read_text(encoding="utf-8")
+               for m in STDLIB_MODULES)

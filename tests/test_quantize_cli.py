@@ -307,3 +307,12 @@ def test_batches_are_padded_with_a_mask():
     ids, mask = Calibrator([torch.tensor([5, 6, 7]), torch.tensor([8])], 2, pad_id=0).batch(
         [torch.tensor([5, 6, 7]), torch.tensor([8])])
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_max_memory_map_gives_the_cpu_its_memory_unless_capped():
+    from labs_lib.ptq_pipeline import max_memory_map
+
+    assert max_memory_map(None, None) is None
+    assert max_memory_map(None, "8GiB")["cpu"] == "8GiB"
+    # accelerate gives a device missing from the map nothing: --max_gpu_memory alone must not send the rest to disk
+    assert max_memory_map("10GiB", None)["cpu"] > 1 << 30
