@@ -96,6 +96,29 @@ def _lab_section(record: dict, seconds: float | None, machine: str) -> list[str]
     return lines + [""]
 
 
+def _corpus_text(run: dict) -> str:
+    """The corpus text of a run's records; records made before the embedded corpora were pinned read them from the
+    running Python's standard library."""
+    texts = {r.get("corpus_text") or f"Python {r['versions']['python']} standard library"
+             for r in run["records"].values()}
+    return "; ".join(sorted(texts))
+
+
+def _text_control(runs: dict[str, dict], ppl: list[dict]) -> str:
+    """Where two runs of one profile read different text: the gap of the row that only text can move (llama.cpp F16
+    runs on the CPU of every machine, on the same file)."""
+    first, *others = runs
+    row = next((r for r in ppl if r["measure"] == "perplexity llama.cpp F16"), None)
+    profile = runs[first]["log"].get("profile")
+    differ = [name for name in others if _corpus_text(runs[name]) != _corpus_text(runs[first])
+              and runs[name]["log"].get("profile") == profile]
+    notes = [f" {name} read different text ({_corpus_text(runs[name])} vs {_corpus_text(runs[first])}): its llama.cpp "
+             f"F16 perplexity, the same engine and GGUF file on each machine's CPU, differs by "
+             f"{row[f'{name} vs {first} %']} %; with engine and file the same, only the text moves it that far."
+             for name in differ if row and row.get(name) != ""]
+    return "".join(notes)
+
+
 def build_report(root: Path | None = None) -> Path:
     """Render every machine's run under `root` (default: results/) into root/REPORT.md."""
     root = Path(root) if root else results_dir()
@@ -114,6 +137,7 @@ def build_report(root: Path | None = None) -> Path:
                                "profile": run["log"].get("profile", ""),
                                "started (UTC)": run["log"].get("started_utc", ""),
                                "lab time s": round(sum(v["seconds"] for v in run["log"].get("labs", {}).values())),
+                               "corpus text": _corpus_text(run),
                                "reruns": "; ".join(f"{', '.join(r['labs'])} at {r['started_utc']}"
                                                    for r in run["log"].get("reruns", [])),
                                "labs ok": sum(v["status"] == "ok" for v in run["log"].get("labs", {}).values())}
@@ -123,8 +147,9 @@ def build_report(root: Path | None = None) -> Path:
     if len(runs) > 1:
         lines += ["## The same perplexities on each machine", "",
                   "Profiles differ (CPU quick, GPU full: more calibration and evaluation tokens), and so do dtypes "
-                  "(float32 on the CPU, BF16 on the GPU); the GPU-quick run, where present, uses the CPU's exact "
-                  "tokens.",
+                  "(float32 on the CPU, BF16 on the GPU). The GPU-quick run uses the CPU's profile, so it evaluates "
+                  "the same tokens when both runs read the same corpus text (column *corpus text* above)."
+                  + _text_control(runs, ppl),
                   "", markdown_table(ppl), ""]
     for name, run in runs.items():
         lines += [f"## {name} run", ""]

@@ -67,6 +67,14 @@ def save_figure(fig, cfg: LabConfig, name: str) -> Path:
     return path
 
 
+def corpus_text(corpus: str) -> str:
+    """Which text a corpus name stood for in this run: the pinned CPython snapshot of the embedded corpora, or the
+    named dataset (two runs' perplexities are comparable only over the same text)."""
+    from .data import EMBEDDED_CORPORA, embedded_snapshot
+
+    return f"CPython {embedded_snapshot()['python']} snapshot" if corpus in EMBEDDED_CORPORA else corpus
+
+
 def save_results(cfg: LabConfig, headline: dict, tables: dict[str, list[dict]] | None = None) -> Path:
     """results/<lab>_<topic>.json (e.g. 03_gptq.json): what ran (model, corpus, profile, device, versions) and what
     it measured."""
@@ -78,6 +86,7 @@ def save_results(cfg: LabConfig, headline: dict, tables: dict[str, list[dict]] |
         "sizes": cfg.sizes,
         "model": cfg.model,
         "corpus": cfg.corpus,
+        "corpus_text": corpus_text(cfg.corpus),
         "device": device_info(),
         "dtype": str(cfg.dtype).removeprefix("torch."),
         "peak_memory_gb": round(peak_memory_bytes(cfg.device) / 1e9, 3),

@@ -112,3 +112,23 @@ def test_report_puts_machines_side_by_side(tmp_path, monkeypatch):
     assert ppl == [{"lab": "98", "measure": "perplexity reference", "CPU": 12.5, "GPU": 12.6, "GPU vs CPU %": 0.8}]
     report = build_report(tmp_path / "gpu").read_text()  # a GPU run writes the one report of both machines
     assert "## CPU run" in report and "## GPU run" in report and "![figures" not in report
+
+
+def test_report_names_runs_that_read_different_text(tmp_path, monkeypatch):
+    from labs_lib.report import build_report
+    from labs_lib.results import save_results
+
+    for sub, ppl in (("", 12.86), ("gpu-quick", 12.65)):
+        folder = tmp_path / sub
+        folder.mkdir(exist_ok=True)
+        monkeypatch.setenv("LABS_RESULTS_DIR", str(folder))
+        cfg = setup_lab("98", "Report test", profile="quick")
+        save_results(cfg, {"perplexity llama.cpp F16": ppl})
+        (folder / "run_log.json").write_text(json.dumps({"profile": "quick", "labs": {"98": {"status": "ok",
+                                                                                              "seconds": 1.0}}}))
+    assert json.loads((tmp_path / "98.json").read_text())["corpus_text"].startswith("CPython 3.")
+    assert "read different text" not in build_report(tmp_path).read_text()  # both read the pinned snapshot
+    record = json.loads((tmp_path / "gpu-quick" / "98.json").read_text())
+    (tmp_path / "gpu-quick" / "98.json").write_text(json.dumps({k: v for k, v in record.items() if k != "corpus_text"}))
+    report = build_report(tmp_path).read_text()  # a record from before the pin read the running Python's texts
+    assert "GPU quick read different text" in report and "differs by -1.63 %" in report
