@@ -25,7 +25,8 @@ from .files import atomic_folder, atomic_path
 from .hardware import reset_peak_memory
 from .sizing import SHAPES, ModelShape
 
-__all__ = ["llama_config", "build_random_model", "reference_run", "compare_checkpoints", "add_record", "RECORDS"]
+__all__ = ["llama_config", "build_random_model", "reference_run", "compare_checkpoints", "add_record", "scale_rows",
+           "RECORDS"]
 
 RECORDS = Path(__file__).resolve().parent.parent / "results" / "09_scale_gpu.json"
 
@@ -130,6 +131,32 @@ def add_record(name: str, record: dict, path: Path = RECORDS) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(records, indent=1) + "\n")
     return path
+
+
+def scale_rows(records: dict) -> tuple[list[dict], list[dict]]:
+    """The records as two tables: each quantization run (steps, wall time, peak GPU memory, size) and each checkpoint
+    comparison (tensors identical of all)."""
+    runs, comparisons = [], []
+    for name, r in records.items():
+        if "identical" in r:
+            comparisons.append({"comparison": name, "conditions": r["conditions"], "tensors": r["tensors"],
+                                "identical": r["identical"], "hf_quant_config equal": r["hf_quant_config_equal"]})
+        elif "seconds" in r and isinstance(r["seconds"], dict):  # a labs-quantize run
+            gb = [round(b / 1e9, 2) for b in r["peak_memory_bytes"]]
+            runs.append({"run": name, "device": f"{len(r['device'])} x {r['device'][0]}", "conditions": r["conditions"],
+                         "placement": ", ".join(f"{d}: {n}" for d, n in (r["placement"] or {}).items()) or "one GPU",
+                         **{f"{k} s": v for k, v in r["seconds"].items()}, "whole command s": r["wall_s"],
+                         "peak GPU GB": " + ".join(map(str, gb)), "checkpoint GB": round(r["bytes_after"] / 1e9, 2),
+                         "valid": r["validation"]["ok"]})
+        elif "quantize_s" in r:  # Model Optimizer called directly
+            runs.append({"run": name, "device": f"{len(r['device'])} x {r['device'][0]}", "conditions": r["conditions"],
+                         "placement": "one GPU",
+                         "quantize s": r["quantize_s"], "export s": r["export_s"],
+                         "peak GPU GB": round(r["peak_memory_bytes"] / 1e9, 2),
+                         "checkpoint GB": round(r["checkpoint_bytes"] / 1e9, 2)})
+    columns = ["run", "device", "conditions", "placement", "load s", "calibration data s", "quantize s", "export s",
+               "validate s", "whole command s", "peak GPU GB", "checkpoint GB", "valid"]
+    return [{k: row.get(k, "") for k in columns} for row in runs], comparisons
 
 
 def _calibration(folder: Path, dataset_yaml: Path, calib_size: int, max_seq_len: int):

@@ -46,3 +46,15 @@ def test_add_record_keeps_earlier_records(tmp_path):
     records = json.loads(path.read_text())
     assert records["one"]["x"] == 1 and records["two"]["y"] == 2
     assert records["two"]["device"] == ["cpu"] and not list(tmp_path.glob(".*"))  # no temporary file left
+
+
+def test_the_committed_gpu_records():
+    """results/09_scale_gpu.json (from the lent H200s): every checkpoint valid and of one size, and the one-GPU,
+    offloaded and two-GPU checkpoints tensor-identical."""
+    from labs_lib.ptq_at_scale import RECORDS, scale_rows
+
+    runs, comparisons = scale_rows(json.loads(RECORDS.read_text()))
+    assert {r["run"] for r in runs} >= {"reference_modelopt_direct", "one_gpu", "one_gpu_offload", "two_gpus"}
+    assert all(r["valid"] in (True, "") for r in runs) and len({r["checkpoint GB"] for r in runs}) == 1
+    assert comparisons and all(c["identical"] == c["tensors"] and c["hf_quant_config equal"] for c in comparisons)
+    assert all(set(r) == set(runs[0]) for r in runs)  # one column set, for one table
