@@ -96,12 +96,23 @@ def _lab_section(record: dict, seconds: float | None, machine: str) -> list[str]
     return lines + [""]
 
 
+def _record_text(record: dict) -> str:
+    """The text a record's corpus stood for. Records made before the embedded corpora were pinned read them from the
+    running Python's standard library, which is the snapshot's text when that Python is the snapshot's release."""
+    from .data import EMBEDDED_CORPORA, embedded_snapshot
+
+    if record.get("corpus_text"):
+        return record["corpus_text"]
+    python = record["versions"]["python"]
+    if record["corpus"] not in EMBEDDED_CORPORA:
+        return record["corpus"]
+    return f"CPython {python} snapshot" if python == embedded_snapshot()["python"] else \
+        f"Python {python} standard library"
+
+
 def _corpus_text(run: dict) -> str:
-    """The corpus text of a run's records; records made before the embedded corpora were pinned read them from the
-    running Python's standard library."""
-    texts = {r.get("corpus_text") or f"Python {r['versions']['python']} standard library"
-             for r in run["records"].values()}
-    return "; ".join(sorted(texts))
+    """The corpus texts of a run's records."""
+    return "; ".join(sorted({_record_text(r) for r in run["records"].values()}))
 
 
 def _text_control(runs: dict[str, dict], ppl: list[dict]) -> str:
