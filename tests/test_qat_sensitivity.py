@@ -16,10 +16,10 @@ from labs_lib.sensitivity import (block_linears, effective_bits, mixed_precision
 
 @pytest.fixture()
 def tiny():
-    """A 3-block random Llama with widths that divide by 16 (NVFP4 blocks)."""
+    """A 3-block random Llama with widths that divide by 16 (NVFP4 blocks), weights wide enough for peaked logits."""
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
+                      num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True, initializer_range=0.1)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -33,9 +33,9 @@ def test_ste_forward_is_the_round_trip_and_its_gradient_the_identity_inside_the_
     q.backward(upstream)
     assert torch.equal(w.grad, upstream)  # own amax: nothing clips, the gradient passes unchanged
     # a static range smaller than the tensor: the gradient is the identity inside it and zero where it clips
-    x = torch.tensor([0.1, -0.5, 0.9, 2.0, -3.0], requires_grad=True)
-    ste_fake_quantize(x, NVFP4(), global_amax=torch.tensor(1.0)).backward(torch.ones(5))
-    assert x.grad.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+    x = torch.linspace(-3, 3, 16, requires_grad=True)
+    ste_fake_quantize(x, NVFP4(), global_amax=torch.tensor(1.0)).backward(torch.ones(16))
+    assert torch.equal(x.grad, (x.detach().abs() <= 1.0).float()) and 0 < x.grad.sum() < 16
 
 
 def test_qat_student_computes_the_ptq_model_trains_only_linears_and_distillation_lowers_the_kl(tiny):
@@ -48,7 +48,7 @@ def test_qat_student_computes_the_ptq_model_trains_only_linears_and_distillation
     assert trainable == {f"{n}.weight" for n in names}  # embedding, norms and lm_head are frozen
     with torch.no_grad():
         torch.testing.assert_close(student(ids).logits, ptq(ids).logits, rtol=0, atol=1e-5)
-    losses = distill(student, tiny, ids, steps=12, lr=3e-3, batch_size=4)
+    losses = distill(student, tiny, ids, steps=20, lr=3e-4, batch_size=4)
     assert losses[-1] < 0.5 * losses[0]
     remove_qat(student)
     assert not any(isinstance(m, QATLinear) for m in student.modules())
