@@ -1,8 +1,9 @@
 """Per-block sensitivity to quantization, and a mixed-precision pick under a size budget.
 
 Each decoder block is quantized alone (the rest of the model untouched) and the perplexity change is measured;
-the most sensitive blocks then stay in a wider format for as long as the average bits per weight of the
-quantizable Linears stays within the budget (the same "effective bits" AutoQuantize constrains).
+the most sensitive blocks then stay in a wider format for as long as the average bits per weight of the decoder
+blocks' Linears stays within the budget. These effective bits leave the lm_head out; AutoQuantize counts it unless
+told not to (Lab 11 passes it disabled_layers and a cost exclusion for "*lm_head*", so both count the same weights).
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def block_sensitivity(model, scheme: Scheme, tokens: torch.Tensor, window: int,
 
 
 def effective_bits(rows: list[dict], low: Scheme, high: Scheme | None, keep: list[str]) -> float:
-    """Average bits per weight of the blocks in `rows` when those in `keep` use `high` (None: 16-bit) and the
-    others `low`, counted as AutoQuantize counts them (NVFP4 4.5, FP8 8, BF16 16)."""
+    """Average bits per weight of the blocks in `rows` (the lm_head is not among them) when those in `keep` use
+    `high` (None: 16-bit) and the others `low`, each format at AutoQuantize's cost (NVFP4 4.5, FP8 8, BF16 16)."""
     high_bits = 16.0 if high is None else high.bits_per_weight()
     total = sum(r["weights"] for r in rows)
     return sum(r["weights"] * (high_bits if r["block"] in keep else low.bits_per_weight()) for r in rows) / total
