@@ -405,6 +405,45 @@ def _mix_counts_reference(weights: tuple[float, ...], total: int) -> tuple[int, 
     return tuple(mix_counts(list(weights), total))
 
 
+def straight_through_solution(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Forward: w + (q - w) = q. Backward: (q - w) is detached, so d/dw is the identity."""
+    return w + (q - w).detach()
+
+
+def _judge_straight_through(fn: Callable) -> tuple[bool, str]:
+    from .blockquant import NVFP4
+
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(8, 32, generator=g) * 0.02).requires_grad_(True)
+    q = NVFP4().fake_quantize(w.detach())
+    upstream = torch.randn(8, 32, generator=g)
+    out = fn(w, q)
+    if out is None:
+        return False, "not attempted yet: your function returns None."
+    if not torch.equal(out.detach(), q):
+        return False, "the forward value is not the quantized round trip q."
+    if not out.requires_grad:
+        return False, "no gradient reaches w: the result must depend on w."
+    out.backward(upstream)
+    if w.grad is None or not torch.equal(w.grad, upstream):
+        return False, "the gradient with respect to w is not the identity."
+    return True, "forward equals q, gradient equals the identity"
+
+
+def _blocks_in_budget(blocks: int, budget: float) -> int:
+    """labs_lib's pick on equal blocks, NVFP4 (4.5 bits) against FP8 (8 bits)."""
+    from .blockquant import NVFP4, PerTensor
+    from .sensitivity import pick_under_budget
+
+    rows = [{"block": str(i), "change (%)": 1.0, "weights": 1} for i in range(blocks)]
+    return len(pick_under_budget(rows, budget, NVFP4(), PerTensor("fp8_e4m3")))
+
+
+def _blocks_kept_in_budget_solution(blocks=30, low=4.5, high=8.0, budget=5.0) -> int:
+    # each wide block adds (high - low) / blocks bits to the average; whole blocks only
+    return math.floor(blocks * (budget - low) / (high - low))
+
+
 def _number(lab: str, question: str, reference: Callable[[], float], solution: Callable, rel: float = 1e-6,
             hint: str = "", **params) -> Exercise:
     return Exercise(lab, "number", question, solution, reference, params, rel=rel, hint=hint)
@@ -543,6 +582,19 @@ EXERCISES: dict[str, Exercise] = {
         _mix_counts_solution, lambda: _mix_counts_reference((0.5, 0.3, 0.2), 7),
         params={"total": 7, "weights": [0.5, 0.3, 0.2]},
         hint="floor each exact share first; the samples left over go to the largest fractional parts"),
+    # lab 11
+    "straight_through": Exercise(
+        "11", "function",
+        "Write `straight_through(w, q)`: given weights `w` (requiring gradients) and their quantized round trip `q`, "
+        "return a tensor whose value is `q` but whose gradient with respect to `w` is the identity (the "
+        "straight-through estimator), in one line of torch and without labs_lib.",
+        straight_through_solution, lambda w, q: q, custom=_judge_straight_through),
+    "blocks_kept_in_budget": _number(
+        "11", "A model's quantizable Linears form {blocks} decoder blocks of equal size. The low format costs {low} "
+        "bits per weight, the wide one {high}. At most how many whole blocks can stay in the wide format when the "
+        "effective bits (the average over all those weights) may not exceed {budget}?",
+        lambda: _blocks_in_budget(30, 5.0), _blocks_kept_in_budget_solution, blocks=30, low=4.5, high=8.0,
+        budget=5.0),
 }
 
 

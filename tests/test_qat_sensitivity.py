@@ -1,0 +1,94 @@
+"""Lab 11: the straight-through estimator, QAT's student and teacher, single-block quantization, the budget pick."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from labs_lib.blockquant import NVFP4, PerTensor
+from labs_lib.errors import LabsError
+from labs_lib.fake_quant import fake_quantized_copy
+from labs_lib.qat import QATLinear, distill, prepare_qat, remove_qat, ste_fake_quantize
+from labs_lib.sensitivity import (block_linears, effective_bits, mixed_precision_copy, pick_under_budget,
+                                  quantized_in_place)
+
+
+@pytest.fixture()
+def tiny():
+    """A 3-block random Llama with widths that divide by 16 (NVFP4 blocks), weights wide enough for peaked logits."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True, initializer_range=0.1)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_ste_forward_is_the_round_trip_and_its_gradient_the_identity_inside_the_range():
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(32, 64, generator=g) * 0.02).requires_grad_(True)
+    upstream = torch.randn(32, 64, generator=g)
+    q = ste_fake_quantize(w, NVFP4())
+    assert torch.equal(q.detach(), NVFP4().fake_quantize(w.detach()))
+    assert not torch.equal(q.detach(), w.detach())  # the rounding is real
+    q.backward(upstream)
+    assert torch.equal(w.grad, upstream)  # own amax: nothing clips, the gradient passes unchanged
+    # a static range smaller than the tensor: the gradient is the identity inside it and zero where it clips
+    x = torch.linspace(-3, 3, 16, requires_grad=True)
+    ste_fake_quantize(x, NVFP4(), global_amax=torch.tensor(1.0)).backward(torch.ones(16))
+    assert torch.equal(x.grad, (x.detach().abs() <= 1.0).float()) and 0 < x.grad.sum() < 16
+
+
+def test_qat_student_computes_the_ptq_model_trains_only_linears_and_distillation_lowers_the_kl(tiny):
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    ptq = fake_quantized_copy(tiny, NVFP4())
+    student = copy.deepcopy(tiny)
+    names = prepare_qat(student, NVFP4())
+    assert len(names) == 7 * 3 and all(isinstance(student.get_submodule(n), QATLinear) for n in names)
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.weight" for n in names}  # embedding, norms and lm_head are frozen
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, ptq(ids).logits, rtol=0, atol=1e-5)
+    losses = distill(student, tiny, ids, steps=20, lr=3e-4, batch_size=4)
+    assert losses[-1] < 0.5 * losses[0]
+    remove_qat(student)
+    assert not any(isinstance(m, QATLinear) for m in student.modules())
+    assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_single_block_quantization_touches_only_that_block_and_restores_it(tiny):
+    before = {n: p.detach().clone() for n, p in tiny.named_parameters()}
+    blocks = block_linears(tiny)
+    assert list(blocks) == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    inside = {f"{n}.weight" for n in blocks["model.layers.1"]}
+    with quantized_in_place(tiny, blocks["model.layers.1"], NVFP4()):
+        now = dict(tiny.named_parameters())
+        changed = {n for n in before if not torch.equal(now[n], before[n])}
+        assert changed == inside
+        for n in inside:
+            assert torch.equal(now[n], NVFP4().fake_quantize(before[n]))
+    assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())
+
+
+def test_budget_pick_respects_the_budget_and_takes_the_most_sensitive_blocks_first(tiny):
+    g = torch.Generator().manual_seed(3)
+    rows = [{"block": f"b{i}", "change (%)": float(c), "weights": int(w)}
+            for i, (c, w) in enumerate(zip(torch.rand(20, generator=g) * 10, torch.randint(1, 5, (20,), generator=g)
+                                           * 1000))]
+    low, high = NVFP4(), PerTensor("fp8_e4m3")
+    for budget in (4.5, 4.8, 5.0, 6.0, 7.5, 8.0):
+        keep = pick_under_budget(rows, budget, low, high)
+        assert effective_bits(rows, low, high, keep) <= budget + 1e-9
+        left = [r for r in rows if r["block"] not in keep]  # nothing more fits
+        assert all(effective_bits(rows, low, high, keep + [r["block"]]) > budget for r in left)
+    assert sorted(pick_under_budget(rows, 8.0, low, high)) == sorted(r["block"] for r in rows)  # FP8 fits all
+    equal = [dict(r, weights=1000) for r in rows]
+    keep = pick_under_budget(equal, 4.5 + 3.5 * 5 / 20, low, high)  # room for exactly 5 of 20 equal blocks
+    assert keep == [r["block"] for r in sorted(equal, key=lambda r: -r["change (%)"])[:5]]
+    with pytest.raises(LabsError, match="below NVFP4"):
+        pick_under_budget(rows, 4.0, low, high)
+    blocks = block_linears(tiny)
+    mixed = mixed_precision_copy(tiny, blocks, low, None, keep=["model.layers.0"])
+    assert torch.equal(mixed.get_submodule(blocks["model.layers.0"][0]).weight,
+                       tiny.get_submodule(blocks["model.layers.0"][0]).weight)
+    assert torch.equal(mixed.get_submodule(blocks["model.layers.2"][0]).weight,
+                       low.fake_quantize(tiny.get_submodule(blocks["model.layers.2"][0]).weight))
