@@ -89,6 +89,10 @@ def test_amax_methods():
     errors = {m: (int8.fake_quantize(x, global_amax=top * m) - x).pow(2).sum().item() for m in MULTIPLIERS}
     assert mse == top * min(errors, key=errors.get)
     assert input_amax(samples, "mse", NVFP4())[name] <= top
+    with pytest.raises(LabsError, match="scheme"):
+        input_amax(samples, "mse")
+    with pytest.raises(LabsError, match="Unknown amax method"):
+        input_amax(samples, "entropy")
 
 
 def _samples(x):
