@@ -25,7 +25,7 @@ MULTIPLIERS = tuple(round(0.05 * i, 2) for i in range(4, 21))  # MSE candidates:
 
 class InputSamples:
     """Per Linear: the exact running max |x| over all calibration tokens, and every `stride`-th token's input row
-    (Linears that read the same tensor, q/k/v or gate/up, share one sample)."""
+    in float32 on the model's device (Linears that read the same tensor, q/k/v or gate/up, share one sample)."""
 
     def __init__(self):
         self.amax: dict[str, torch.Tensor] = {}
@@ -45,7 +45,7 @@ def collect_input_samples(model, batches: torch.Tensor, stride: int = 8, skip: t
             x = args[0]
             if last.get("input") is not x:  # q, k and v (gate and up) see the same tensor: sample it once
                 flat = x.detach().reshape(-1, x.shape[-1])
-                last.update(input=x, rows=flat[::stride].float().cpu(), amax=flat.abs().amax().float())
+                last.update(input=x, rows=flat[::stride].float(), amax=flat.abs().amax().float())
             samples.amax[name] = torch.maximum(samples.amax[name], last["amax"]) if name in samples.amax \
                 else last["amax"]
             samples.rows.setdefault(name, []).append(last["rows"])
@@ -83,6 +83,6 @@ def input_amax(samples: InputSamples, method: str, scheme: Scheme | None = None,
             if method == "percentile":
                 done[key] = torch.quantile(x.abs().flatten(), percentile / 100)
             else:
-                done[key] = _mse_amax(x, samples.amax[name].cpu(), scheme)
-        out[name] = done[key].to(samples.amax[name].device)
+                done[key] = _mse_amax(x, samples.amax[name], scheme)
+        out[name] = done[key]
     return out
