@@ -123,7 +123,7 @@ def checkpoint_bytes(shape: ModelShape, fmt: str, kept_bytes_per_param: int = 2)
 
 
 # The most model copies a lab holds at once: the base model and the variant being measured (2), except these.
-LAB_COPIES = {"01": 1}
+LAB_COPIES = {"01": 1, "10": 3}  # Lab 10: the model, a smoothed copy and its W8A8 copy
 
 
 def lab_memory_plan(shape: ModelShape, lab: str, bytes_per_param: int = 2, calib_samples: int = 128,
