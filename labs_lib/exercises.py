@@ -825,3 +825,55 @@ EXERCISES.update({
         "request was sent), return (TTFT, list of inter-token latencies), as labs_lib.serving measures them.",
         ttft_itl_solution, _ttft_reference, cases=_ttft_cases(), compare=_same_ttft_itl),
 })
+
+
+# --------------------------------------------------------------------------------------------------
+# Lab 10: KV cache, SmoothQuant
+def _kv_70b_fp8_gb() -> float:
+    from .kv_cache import kv_bytes_per_token
+    from .sizing import SHAPES
+
+    return kv_bytes_per_token(SHAPES["Llama-3.1-70B"], "fp8") * 131072 / 1e9
+
+
+def _kv_70b_fp8_gb_solution(layers=80, kv_heads=8, head_dim=128, tokens=131072) -> float:
+    """K and V, every layer, every KV head, head_dim values of 1 byte each, per token."""
+    return 2 * layers * kv_heads * head_dim * 1 * tokens / 1e9
+
+
+def _smoothing_cases() -> tuple[Case, ...]:
+    t = torch.tensor
+    return (Case("alpha = 0.5, the paper's default", (t([8.0, 1.0, 0.5]), t([0.5, 2.0, 0.125]), 0.5)),
+            Case("alpha = 1.0, Model Optimizer's default", (t([30.0, 0.2]), t([0.1, 0.4]), 1.0)),
+            Case("an input channel whose max is 0 (it never fired: scale 1)", (t([0.0, 4.0]), t([1.0, 1.0]), 0.5)),
+            Case("a ratio beyond the clamp [1e-4, 1e4]", (t([1e6, 1e-9, 1.0]), t([1e-3, 10.0, 1.0]), 0.9)))
+
+
+def _smoothing_reference(act_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
+    from .smoothquant import smoothing_scales
+
+    return smoothing_scales(act_amax, [w_amax.unsqueeze(0)], alpha)
+
+
+def smoothing_scale_solution(act_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = max|X|^alpha / max|W|^(1 - alpha) per input channel; 1 for a silent channel; clamped to [1e-4, 1e4]."""
+    s = act_amax.pow(alpha) / w_amax.pow(1 - alpha)
+    s = torch.where(act_amax == 0, torch.ones_like(s), s)
+    return s.clamp(1e-4, 1e4)
+
+
+EXERCISES.update({
+    "kv_70b_fp8_gb": _number(
+        "10", "How many GB (1e9 bytes) does the FP8 KV cache of one {tokens:,}-token sequence of Llama-3.1-70B take? "
+        "Its config.json: {layers} layers, {kv_heads} KV heads, head_dim {head_dim} (hidden 8192 / 64 heads).",
+        _kv_70b_fp8_gb, _kv_70b_fp8_gb_solution, rel=1e-6,
+        hint="every layer caches a K and a V vector of kv_heads x head_dim values for every token",
+        tokens=131072, layers=80, kv_heads=8, head_dim=128),
+    "smoothing_scale": Exercise(
+        "10", "function",
+        "Write `smoothing_scale(act_amax, w_amax, alpha)`: SmoothQuant's per-input-channel scale from each channel's "
+        "max |X| over the calibration data and max |W| over the weight column: s = max|X|^alpha / max|W|^(1 - alpha); "
+        "a channel with max |X| = 0 gets 1; clamp s to [1e-4, 1e4] (as Model Optimizer does).",
+        smoothing_scale_solution, _smoothing_reference, cases=_smoothing_cases(),
+        compare=lambda got, want: torch.allclose(torch.as_tensor(got).float(), want, rtol=1e-5)),
+})

@@ -18,7 +18,7 @@ LIBRARIES = ("torch", "transformers", "nvidia-modelopt", "gptqmodel", "gguf", "l
              "transformer-engine", "lm_eval", "bitsandbytes", "ml-dtypes", "numpy")
 RESULT_FILES = {"01": "01_data_types", "02": "02_nvfp4", "03": "03_gptq", "04": "04_awq", "05": "05_gguf",
                 "06": "06_fp8", "07": "07_quality", "08": "08_engine",
-                "09": "09_byom", "11": "11_qat_mixed"}
+                "09": "09_byom", "10": "10_kv_smoothquant", "11": "11_qat_mixed"}
 
 __all__ = ["results_dir", "save_figure", "save_results", "library_versions", "recorded"]
 

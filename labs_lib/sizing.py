@@ -123,8 +123,9 @@ def checkpoint_bytes(shape: ModelShape, fmt: str, kept_bytes_per_param: int = 2)
 
 
 # The most model copies a lab holds at once: the base model and the variant being measured (2), except these.
-# lab 11 trains: the teacher, an FP32 student (2 BF16 copies' worth), its gradients (2) and AdamW's two moments (4)
-LAB_COPIES = {"01": 1, "11": 9}
+# lab 10: the model, a smoothed copy and its W8A8 copy; lab 11 trains: the teacher, an FP32 student (2 BF16 copies'
+# worth), its gradients (2) and AdamW's two moments (4)
+LAB_COPIES = {"01": 1, "10": 3, "11": 9}
 
 
 def lab_memory_plan(shape: ModelShape, lab: str, bytes_per_param: int = 2, calib_samples: int = 128,
