@@ -19,13 +19,16 @@ __all__ = ["activation_hook", "calibrate_input_amax", "fake_quantized_copy"]
 
 
 @torch.inference_mode()
-def calibrate_input_amax(model, batches: torch.Tensor, skip: tuple[str, ...] = SKIP) -> dict[str, torch.Tensor]:
-    """Largest |input| each Linear sees over the calibration batches (the static activation range)."""
+def calibrate_input_amax(model, batches: torch.Tensor, skip: tuple[str, ...] = SKIP,
+                         per_channel: bool = False) -> dict[str, torch.Tensor]:
+    """Largest |input| each Linear sees over the calibration batches (the static activation range): one number, or
+    with `per_channel` one per input channel (what SmoothQuant migrates)."""
     amax: dict[str, torch.Tensor] = {}
 
     def record(name):
         def hook(module, args):
-            a = args[0].detach().abs().amax().float()
+            x = args[0].detach().abs()
+            a = (x.reshape(-1, x.shape[-1]).amax(0) if per_channel else x.amax()).float()
             amax[name] = torch.maximum(amax[name], a) if name in amax else a
 
         return hook

@@ -13,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .blockquant import PerChannel, PerTensor
-from .layerwise import SKIP, decoder_layers, forward_pre_hooks, linear_layers
+from .fake_quant import calibrate_input_amax
+from .layerwise import SKIP, decoder_layers
 from .scale_groups import fold_scale, scale_groups
 
 __all__ = ["W8A8", "channel_amax", "smoothing_scales", "smooth_model", "smoothed_input_amax"]
@@ -24,22 +25,9 @@ W8A8 = (PerChannel("int8"), PerTensor("int8"))
 EPSILON = 2.0**-31  # an input channel with a smaller max never fired: its scale stays 1 (as in Model Optimizer)
 
 
-@torch.inference_mode()
 def channel_amax(model, batches: torch.Tensor, skip: tuple[str, ...] = SKIP) -> dict[str, torch.Tensor]:
     """Per Linear, max |x| of each input channel over the calibration batches."""
-    amax: dict[str, torch.Tensor] = {}
-
-    def record(name):
-        def hook(module, args):
-            a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
-            amax[name] = torch.maximum(amax[name], a) if name in amax else a
-
-        return hook
-
-    with forward_pre_hooks((m, record(n)) for n, m in linear_layers(model, skip).items()):
-        for batch in tqdm(batches, desc="channel amax", leave=False):
-            model(batch.unsqueeze(0).to(next(model.parameters()).device))
-    return amax
+    return calibrate_input_amax(model, batches, skip, per_channel=True)
 
 
 def smoothing_scales(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
