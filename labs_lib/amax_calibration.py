@@ -3,9 +3,12 @@
 A deployed W8A8 or NVFP4 W4A4 checkpoint stores one input amax per Linear (`input_scale`). The maximum seen in
 calibration never clips, but one outlier stretches the grid for every other value; a percentile clips the rarest
 values; the MSE-optimal amax picks, among multiples of the maximum, the one whose quantize-dequantize round trip
-is closest to the calibration inputs. Model Optimizer's counterparts: `calibrator: max` (MaxCalibrator, the
-default), and `calibrator: histogram` (HistogramCalibrator: `compute_amax(method="percentile", percentile=99.99)`,
-`"mse"` or `"entropy"`); its `algorithm: mse` searches weight amaxes only and leaves activations at their max.
+is closest to the calibration inputs. Model Optimizer 0.47's counterparts: `calibrator: max` (MaxCalibrator, the
+default); `calibrator: histogram` (HistogramCalibrator, a 2048-bin histogram over all tokens whose amax is a bin edge),
+whose amax must be loaded by hand (`load_calib_amax("percentile", percentile=99.99)`, or "mse", "entropy"): with the
+presets' `algorithm: max` its `compute_amax` gets no method and fails; its MSE method does not take NVFP4, whose
+nearest option is `nvfp4_act_headroom` (a percentile of per-block amaxes); `algorithm: mse` searches weight amaxes
+only. Here the percentile is the exact quantile of a strided sample, not a histogram bin edge.
 """
 
 from __future__ import annotations
