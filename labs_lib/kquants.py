@@ -16,8 +16,8 @@ import numpy as np
 
 from .errors import LabsError
 
-__all__ = ["QK_K", "LAYOUTS", "layout_bits_per_weight", "decode_q4_k", "decode_q6_k", "tensor_block",
-           "types_by_role"]
+__all__ = ["QK_K", "LAYOUTS", "WEIGHTS_PER_BLOCK", "layout_bits_per_weight", "decode_q4_k", "decode_q6_k",
+           "tensor_block", "types_by_role"]
 
 QK_K = 256  # weights per super-block
 # field -> bytes, in file order (ggml-common.h: block_q4_K, block_q6_K; Q8_0 and Q4_0 for comparison)

@@ -223,22 +223,30 @@ def _serving(command: list[str], port: int, ready_path: str, name: str, startup_
 
 
 def plot_serving(rows: list[dict], title: str):
-    """Per-request decode speed and total throughput against concurrency, with median TTFT beside them."""
+    """Total throughput and per-request decode speed against concurrency, with median and p90 TTFT beside them; one
+    colour per server where the rows name one (key "server")."""
     import matplotlib.pyplot as plt
 
-    conc = [r["concurrency"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    left.plot(conc, [r["total output tok/s"] for r in rows], "o-", label="total output tok/s")
-    left.plot(conc, [r["decode tok/s per request"] for r in rows], "s--", label="decode tok/s per request")
-    right.plot(conc, [r["TTFT median ms"] for r in rows], "o-", color="C3", label="TTFT median")
-    right.plot(conc, [r["TTFT p90 ms"] for r in rows], "^:", color="C3", label="TTFT p90")
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row.get("server", ""), []).append(row)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (server, group) in enumerate(groups.items()):
+        conc, name = [r["concurrency"] for r in group], f"{server}: " if server else ""
+        left.plot(conc, [r["total output tok/s"] for r in group], "o-", color=f"C{i}",
+                  label=f"{name}total output tok/s")
+        left.plot(conc, [r["decode tok/s per request"] for r in group], "s--", color=f"C{i}",
+                  label=f"{name}decode tok/s per request")
+        right.plot(conc, [r["TTFT median ms"] for r in group], "o-", color=f"C{i}", label=f"{name}TTFT median")
+        right.plot(conc, [r["TTFT p90 ms"] for r in group], "^:", color=f"C{i}", label=f"{name}TTFT p90")
+    conc = sorted({r["concurrency"] for r in rows})
     for ax, label in ((left, "tokens/s"), (right, "ms")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(conc, [str(c) for c in conc])
         ax.set_xlabel("concurrent requests")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # llama.cpp, compiled once for both of its users: the Python binding (llama-cpp-python) and the C++ tools
 # (llama-quantize, llama-imatrix, llama-perplexity, llama-bench, llama-server).
-#   scripts/build_llama_cpp.sh <python of the venv>      (`make llama` runs it)
+#   scripts/build_llama_cpp.sh <python of the venv> llama-cpp-python==<version>      (`make llama` runs it)
 # One cmake build of the llama.cpp that llama-cpp-python's sdist vendors, as shared libraries plus the tools, kept
 # under $LABS_CACHE/llama.cpp/<version>-<hash of the flags>: a second clone on the same machine skips the compile.
 # The binding is installed without its own compile (its CMake option LLAMA_BUILD=OFF) and its lib/ folder, where
 # llama_cpp/llama_cpp.py loads libllama.so from, is a link to the build's bin/ folder: one libllama for both.
 set -euo pipefail
-PY=${1:?usage: build_llama_cpp.sh <python>}
-VERSION=0.3.36  # llama-cpp-python==0.3.36 (the Makefile and the Dockerfile name the same pin)
+PY=${1:?usage: build_llama_cpp.sh <python> llama-cpp-python==<version>}
+PIN=${2:?usage: build_llama_cpp.sh <python> llama-cpp-python==<version>}
+VERSION=${PIN#llama-cpp-python==}
 CACHE=${LABS_CACHE:-$HOME/.cache/spark-quant-labs}
 TOOLS="llama-quantize llama-imatrix llama-perplexity llama-bench llama-server"
 
@@ -30,7 +31,7 @@ if [ ! -f "$HOME_DIR/built" ]; then
   echo "Building llama.cpp ($VERSION's vendored copy) once: about 20 minutes on 2 cores, into $HOME_DIR"
   mkdir -p "$HOME_DIR"
   [ -d "$SRC" ] || {
-    "$PY" -m pip download -q --no-binary :all: --no-deps "llama-cpp-python==$VERSION" -d "$HOME_DIR"
+    "$PY" -m pip download -q --no-binary :all: --no-deps "$PIN" -d "$HOME_DIR"
     tar xzf "$HOME_DIR/llama_cpp_python-$VERSION.tar.gz" -C "$HOME_DIR"
   }
   GENERATOR=$(command -v ninja >/dev/null && echo "-G Ninja" || true)
