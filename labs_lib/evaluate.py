@@ -24,11 +24,14 @@ def quantization_error(reference: torch.Tensor, approx: torch.Tensor) -> dict[st
 
 
 @torch.inference_mode()
-def perplexity(model, tokens: torch.Tensor, window: int = 1024, batch_size: int = 4, desc: str = "perplexity") -> float:
+def perplexity(model, tokens: torch.Tensor, window: int = 1024, batch_size: int = 4, desc: str = "perplexity",
+               score_from: int = 1) -> float:
     """exp(mean negative log-likelihood) over non-overlapping windows of `window` tokens.
 
     Stride equals the window: each window starts with no context, and its first token is only
     context, so `len(tokens) // window * (window - 1)` tokens are scored, each with equal weight.
+    `score_from` > 1 scores only positions from there on (llama-perplexity scores the second half of each window,
+    `score_from = window // 2 + 1`).
     """
     n = len(tokens) // window
     if n == 0:
@@ -38,11 +41,11 @@ def perplexity(model, tokens: torch.Tensor, window: int = 1024, batch_size: int 
     total_nll, count = 0.0, 0
     for i in tqdm(range(0, n, batch_size), desc=desc, leave=False):
         batch = windows[i : i + batch_size].to(device)
-        logits = model(batch).logits[:, :-1].float()
-        targets = batch[:, 1:].reshape(-1)
+        logits = model(batch).logits[:, score_from - 1 : -1].float()
+        targets = batch[:, score_from:].reshape(-1)
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum")
         total_nll += nll.item()
-        count += batch[:, 1:].numel()
+        count += targets.numel()
     return math.exp(total_nll / count)
 
 

@@ -1,5 +1,6 @@
-"""llama.cpp through llama-cpp-python: convert a model with llama.cpp's converter, quantize a GGUF, keep the files
-in the cache, load them, and measure perplexity and speed.
+"""llama.cpp through llama-cpp-python and through its own C++ tools: convert a model with llama.cpp's converter,
+quantize a GGUF (with an importance matrix from `llama-imatrix`), keep the files in the cache, load them, and
+measure perplexity (in Python, and with `llama-perplexity`) and speed (`llama-bench`).
 
 Perplexity uses the same non-overlapping windows as `evaluate.perplexity`, so a GGUF's number is
 comparable with the transformers numbers of the other labs on the same tokens.
@@ -12,6 +13,8 @@ import ctypes
 import logging
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,10 +28,14 @@ from tqdm.auto import tqdm
 from .errors import LabsError
 from .files import atomic_path
 
-__all__ = ["QUANT_TYPES", "require_llama_cpp", "gguf_file", "convert_with_llama_cpp", "quantize_gguf", "gguf_for",
-           "load_gguf", "gguf_perplexity", "gguf_speed", "gguf_generate", "measure_gguf"]
+__all__ = ["QUANT_TYPES", "TOOLS", "require_llama_cpp", "llama_tool", "run_llama_tool", "make_imatrix",
+           "quantize_with_tool", "tool_perplexity", "tool_windows", "llama_bench", "gguf_file",
+           "convert_with_llama_cpp", "quantize_gguf", "gguf_for", "load_gguf", "gguf_perplexity", "gguf_speed",
+           "gguf_generate", "measure_gguf"]
 
 QUANT_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+# the C++ tools `make llama` builds next to the binding's libllama (scripts/build_llama_cpp.sh)
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-server")
 
 
 def require_llama_cpp():
@@ -39,9 +46,104 @@ def require_llama_cpp():
     try:
         import llama_cpp
     except ImportError:
-        raise LabsError("llama-cpp-python is not installed: `make llama` builds it once (about 15 minutes on 2 cores) "
-                        "and keeps the wheel in .venv/wheels; see TROUBLESHOOTING.md, 'GGUF'.") from None
+        raise LabsError("llama-cpp-python is not installed: `make llama` builds llama.cpp once (about 20 minutes on "
+                        "2 cores, kept under $LABS_CACHE/llama.cpp); see TROUBLESHOOTING.md, 'GGUF'.") from None
     return llama_cpp
+
+
+def llama_tool(name: str) -> Path:
+    """The path of a llama.cpp C++ tool (`llama-server`, ...): $LLAMA_CPP_BIN, else the folder of the binding's
+    libllama (where `make llama` builds them), else the PATH; a LabsError naming `make llama` when it is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    folders = [os.environ.get("LLAMA_CPP_BIN")] + [str(Path(p) / "lib") for p in
+                                                   (spec.submodule_search_locations or [] if spec else [])]
+    for folder in filter(None, folders):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    raise LabsError(f"llama.cpp's {name} is not built: run `make llama` (it compiles llama.cpp once, with "
+                    f"{', '.join(TOOLS)}), or set LLAMA_CPP_BIN to a folder that holds it.")
+
+
+def run_llama_tool(name: str, args: list, timeout_s: float = 1800) -> subprocess.CompletedProcess:
+    """Run one llama.cpp tool to completion (its output captured as text); when it fails, the last lines of its log
+    are the LabsError."""
+    command = [str(llama_tool(name)), *map(str, args)]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    done = subprocess.run(command, capture_output=True, text=True, errors="replace", env=env, timeout=timeout_s)
+    log = done.stdout + done.stderr
+    if done.returncode != 0:
+        tail = "\n".join(log.strip().splitlines()[-4:])
+        raise LabsError(f"{name} failed (exit code {done.returncode}): {' '.join(command[1:])}\n{tail}")
+    return done
+
+
+def make_imatrix(model: Path, text: Path, target: Path, ctx: int = 512, chunks: int | None = None) -> Path:
+    """`llama-imatrix`: the mean squared activation entering every matrix, per input column, over `text` (windows of
+    `ctx` tokens), written atomically to `target` (a GGUF file)."""
+    with atomic_path(target) as tmp:
+        args = ["-m", model, "-f", text, "-o", tmp, "-c", ctx, "-t", os.cpu_count() or 1, "--no-ppl"]
+        run_llama_tool("llama-imatrix", args + (["--chunks", chunks] if chunks else []))
+    return Path(target)
+
+
+def quantize_with_tool(source: Path, target: Path, qtype: str, imatrix: Path | None = None) -> Path:
+    """`llama-quantize` from an F16/F32 GGUF to `qtype` (e.g. Q4_K_M, IQ2_XXS), with an importance matrix if given,
+    written atomically."""
+    with atomic_path(target) as tmp:
+        args = (["--imatrix", imatrix] if imatrix else []) + [source, tmp, qtype, os.cpu_count() or 1]
+        run_llama_tool("llama-quantize", args)
+    return Path(target)
+
+
+def tool_perplexity(model: Path, text: Path, ctx: int) -> dict:
+    """`llama-perplexity` over `text`: it tokenizes the file, cuts it into windows of `ctx` tokens (the first replaced
+    by BOS where the vocabulary adds one) and scores the second half of each window from the first half."""
+    done = run_llama_tool("llama-perplexity", ["-m", model, "-f", text, "-c", ctx, "-b", ctx,
+                                               "-t", os.cpu_count() or 1])
+    log = done.stdout + done.stderr
+    final = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
+    chunks = re.search(r"calculating perplexity over (\d+) chunks", log)
+    if not final or not chunks:
+        raise LabsError(f"llama-perplexity printed no final estimate for {model}:\n{log[-600:]}")
+    return {"perplexity": float(final[1]), "+/-": float(final[2]), "windows": int(chunks[1]),
+            "scored tokens": int(chunks[1]) * (ctx - ctx // 2 - 1)}
+
+
+def tool_windows(model: Path, text: Path, ctx: int) -> torch.Tensor:
+    """The token windows `llama-perplexity` scores for `text`, made the same way (llama.cpp's tokenizer through the
+    binding, windows of `ctx` whole tokens, BOS in front where the vocabulary adds one), to score them elsewhere."""
+    llama_cpp = require_llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    try:
+        tokens = llm.tokenize(Path(text).read_bytes(), add_bos=True, special=False)
+        bos = llm.token_bos() if tokens and tokens[0] == llm.token_bos() else None
+    finally:
+        llm.close()
+    n = len(tokens) // ctx
+    windows = torch.tensor(tokens[: n * ctx]).reshape(n, ctx)
+    if bos is not None:
+        windows[:, 0] = bos
+    return windows
+
+
+def llama_bench(models: list[Path], prompt: int = 512, generate: int = 128, repetitions: int = 3) -> list[dict]:
+    """`llama-bench`: prompt processing (pp) and generation (tg) tokens/s of each file, mean and standard deviation
+    over `repetitions` runs, from its JSON output."""
+    import json
+
+    rows = []
+    for model in models:
+        args = ["-m", model, "-p", prompt, "-n", generate, "-r", repetitions, "-t", os.cpu_count() or 1, "-o", "json"]
+        for run in json.loads(run_llama_tool("llama-bench", args).stdout):
+            test = f"pp{run['n_prompt']}" if run["n_prompt"] else f"tg{run['n_gen']}"
+            rows.append({"file": Path(model).stem, "MB": round(run["model_size"] / 1e6, 1), "test": test,
+                         "tok/s": round(run["avg_ts"], 1), "+/-": round(run["stddev_ts"], 1)})
+    return rows
 
 
 def gguf_file(model_name: str, qtype: str) -> Path:

@@ -94,7 +94,9 @@ def test_makefile_installs_the_no_deps_file_without_dependencies():
 def test_makefile_builds_llama_cpp_portably_and_installs_the_converter_apart():
     makefile, dockerfile = (ROOT / "Makefile").read_text(), (ROOT / "docker" / "Dockerfile").read_text()
     assert "llama-cpp-convert" in makefile and "llama-cpp-convert" in dockerfile
-    assert "-DGGML_NATIVE=OFF" in makefile  # portable x86 build: the native one crashed in AMX code on a VM
+    script = (ROOT / "scripts" / "build_llama_cpp.sh").read_text()
+    assert "scripts/build_llama_cpp.sh $(PY) $(LLAMA_CPP)" in makefile and "scripts/build_llama_cpp.sh" in dockerfile
+    assert "-DGGML_NATIVE=OFF" in script  # portable x86 build: the native one crashed in AMX code on a VM
 
 
 def test_makefile_lints_before_testing():

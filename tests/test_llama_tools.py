@@ -1,0 +1,118 @@
+"""llama.cpp's C++ tools, built by `make llama` next to the binding's libllama: each runs and reports its version, an
+importance matrix changes the quantized file, a K-quant block of a real file decodes by hand to gguf's dequantize,
+llama-server serves parallel requests, and the benchmark client agrees with the server's own timings. Skipped where
+the tools are not built (`make test` builds them); the closed-port error needs no server."""
+
+import pytest
+
+from labs_lib.errors import LabsError
+from labs_lib.llamacpp import TOOLS, llama_tool
+from labs_lib.models import EMBEDDED
+
+
+def tools_built() -> bool:
+    try:
+        return all(llama_tool(name) for name in TOOLS)
+    except LabsError:
+        return False
+
+
+needs_tools = pytest.mark.skipif(not tools_built(), reason="llama.cpp's tools are not built (make llama)")
+
+
+@pytest.fixture(scope="module")
+def f16():
+    from labs_lib.llamacpp import gguf_for
+
+    return gguf_for(EMBEDDED, "F16")
+
+
+@pytest.fixture(scope="module")
+def imatrix_files(f16, corpus, tmp_path_factory):
+    """An imatrix from two 128-token windows of calibration text, and Q4_K_M files made with and without it."""
+    from labs_lib.llamacpp import make_imatrix, quantize_with_tool
+
+    folder = tmp_path_factory.mktemp("imatrix")
+    text = folder / "calibration.txt"
+    text.write_text(corpus.calibration[:20_000])
+    imatrix = make_imatrix(f16, text, folder / "imatrix.gguf", ctx=128, chunks=2)
+    plain = quantize_with_tool(f16, folder / "plain.gguf", "Q4_K_M")
+    weighted = quantize_with_tool(f16, folder / "weighted.gguf", "Q4_K_M", imatrix=imatrix)
+    return imatrix, plain, weighted
+
+
+@needs_tools
+@pytest.mark.parametrize("name", TOOLS)
+def test_each_tool_runs_and_reports_its_version(name, f16):
+    import subprocess
+
+    # llama-quantize has no --version: a dry run prints the build before it sizes each tensor
+    args = ["--dry-run", f16, "Q4_K_M"] if name == "llama-quantize" else ["--version"]
+    done = subprocess.run([str(llama_tool(name)), *map(str, args)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "version: " in done.stdout + done.stderr
+
+
+def test_a_missing_tool_names_the_make_target(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(tmp_path))
+    with pytest.raises(LabsError, match="make llama"):
+        llama_tool("llama-no-such-tool")
+
+
+@needs_tools
+def test_an_importance_matrix_changes_the_quantized_file(imatrix_files):
+    from labs_lib.gguf_io import compare_gguf, read_gguf
+
+    imatrix, plain, weighted = imatrix_files
+    assert read_gguf(imatrix)["tensors"]  # a GGUF of per-matrix statistics
+    same = compare_gguf(weighted, plain)
+    # the same types, tensor by tensor, but other codes and scales: the rounding weighed each column by its importance
+    assert [t["type"] for t in read_gguf(weighted)["tensors"]] == [t["type"] for t in read_gguf(plain)["tensors"]]
+    assert len(same["tensors differing"]) > 100
+
+
+@needs_tools
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_a_real_k_quant_block_decodes_by_hand_to_gguf_dequantize(imatrix_files, qtype):
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from labs_lib.gguf_io import read_gguf
+    from labs_lib.kquants import decode_q4_k, decode_q6_k, tensor_block
+
+    plain = imatrix_files[1]
+    name = next(t["name"] for t in read_gguf(plain)["tensors"] if t["type"] == qtype)
+    for index in (0, 5):
+        found, raw = tensor_block(plain, name, index)
+        decoded = (decode_q4_k if qtype == "Q4_K" else decode_q6_k)(raw)["values"]
+        want = dequantize(np.frombuffer(raw, dtype=np.uint8), GGMLQuantizationType[qtype]).reshape(-1)
+        assert found == qtype and np.array_equal(decoded.view(np.uint32), want.view(np.uint32))
+
+
+@needs_tools
+def test_llama_server_serves_four_requests_at_once_and_agrees_with_its_timings(imatrix_files, corpus):
+    import httpx
+
+    from labs_lib.serving import benchmark_endpoint, llama_server, server_timing_check
+
+    # distinct prompts of about 250 tokens: a repeated prompt would come from the server's prompt cache, and the
+    # few milliseconds of HTTP would then dominate the TTFT compared below
+    prompts = [corpus.calibration[i * 5000 : i * 5000 + 1000] for i in range(7)]
+    with llama_server(imatrix_files[1], parallel=4) as url:
+        four = benchmark_endpoint(url, "gguf", prompts[:4], concurrency=4, n_requests=4, max_tokens=8, timeout_s=60)
+        one = benchmark_endpoint(url, "gguf", prompts[4:], concurrency=1, n_requests=3, max_tokens=24, timeout_s=60)
+    with pytest.raises(httpx.ConnectError):  # stopped on leaving the context
+        httpx.get(f"{url}/health", timeout=2)
+    for result in four["results"]:
+        assert result.output_tokens == len(result.token_times_s) == 8 and result.server_timings["predicted_n"] == 8
+    check = server_timing_check(one)
+    assert abs(check["TTFT diff %"]) < 10 and abs(check["decode diff %"]) < 10, check
+
+
+def test_the_client_names_a_server_command_when_nothing_listens():
+    from labs_lib.serving import benchmark_endpoint, free_port
+
+    port = free_port()
+    with pytest.raises(LabsError, match=f"nothing listens at http://127.0.0.1:{port}.*llama-server -m") as error:
+        benchmark_endpoint(f"http://127.0.0.1:{port}", "gguf", ["x"], concurrency=2, n_requests=2)
+    assert "\n" not in str(error.value)
