@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .blockquant import NVFP4, PerTensor, Scheme
 from .layerwise import SKIP, forward_pre_hooks, linear_layers
 
-__all__ = ["activation_hook", "calibrate_input_amax", "fake_quantized_copy"]
+__all__ = ["activation_hook", "calibrate_input_amax", "fake_quantize_weight_", "fake_quantized_copy"]
 
 
 @torch.inference_mode()
@@ -52,6 +52,12 @@ def activation_hook(scheme: Scheme, amax: torch.Tensor | None):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def fake_quantize_weight_(layer: torch.nn.Linear, scheme: Scheme) -> None:
+    """Replace `layer`'s weight, in place, by its round trip through `scheme` (kept in the weight's dtype)."""
+    layer.weight.copy_(scheme.fake_quantize(layer.weight).to(layer.weight.dtype))
+
+
 def fake_quantized_copy(
     model,
     weights: Scheme | None = None,
@@ -67,7 +73,7 @@ def fake_quantized_copy(
     model = copy.deepcopy(model)
     for name, layer in linear_layers(model, skip).items():
         if weights is not None:
-            layer.weight.copy_(weights.fake_quantize(layer.weight).to(layer.weight.dtype))
+            fake_quantize_weight_(layer, weights)
         if activations is not None:
             layer.register_forward_pre_hook(activation_hook(activations, (input_amax or {}).get(name)))
     return model

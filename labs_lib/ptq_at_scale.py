@@ -162,12 +162,12 @@ def scale_rows(records: dict) -> tuple[list[dict], list[dict]]:
 def _calibration(folder: Path, dataset_yaml: Path, calib_size: int, max_seq_len: int):
     from .calibration import build_calibration_set, load_calibration_spec
     from .models import load_tokenizer
+    from .ptq_pipeline import pad_token_id
 
     tokenizer = load_tokenizer(str(folder))
     calib = build_calibration_set(load_calibration_spec(dataset_yaml, online=False), tokenizer, calib_size,
                                   max_seq_len)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return calib.samples, pad_id
+    return calib.samples, pad_token_id(tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:

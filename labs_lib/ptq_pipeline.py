@@ -27,9 +27,9 @@ from .hardware import default_device, reset_peak_memory
 from .ptq_formats import PTQ_FORMATS, PtqFormat, get_format, kv_config_name
 from .sizing import SPARK_MEMORY_GB, ModelShape, calibration_memory_plan
 
-__all__ = ["DTYPES", "PtqRequest", "resolve_device", "check_output", "size_bytes", "max_memory_map", "memory_plan",
-           "plan_text", "check_fits", "quant_config", "quantized_linears", "resolve_skip_layers", "check_shapes",
-           "Calibrator", "auto_quantize", "calibration_set", "next_steps", "dry_run", "quantize_model"]
+__all__ = ["DTYPES", "PtqRequest", "pad_token_id", "resolve_device", "check_output", "size_bytes", "max_memory_map",
+           "memory_plan", "plan_text", "check_fits", "quant_config", "quantized_linears", "resolve_skip_layers",
+           "check_shapes", "Calibrator", "auto_quantize", "calibration_set", "next_steps", "dry_run", "quantize_model"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_SEQ_LEN = 512  # the calibration length the plan assumes when --max_seq_len is not given
@@ -242,6 +242,11 @@ def check_shapes(linears: dict[str, torch.nn.Linear], fmt: PtqFormat) -> None:
                     f"that fits: {', '.join(fitting)}.")
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that pads calibration batches: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
 class Calibrator:
     """Model Optimizer's forward loop: the calibration samples in padded batches (longest first, with an attention
     mask), through the decoder only (the lm_head is never quantized, so its logits are not computed). On CUDA out of
@@ -435,8 +440,7 @@ def quantize_model(request: PtqRequest, log: Callable[[str], None] = print) -> d
         start = time.perf_counter()
         calib = calibration_set(request, tokenizer)
         seconds["calibration data"] = time.perf_counter() - start
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        calibrator = Calibrator(list(calib.samples), request.batch_size, pad_id, log)
+        calibrator = Calibrator(list(calib.samples), request.batch_size, pad_token_id(tokenizer), log)
         start = time.perf_counter()
         if request.auto_quantize_bits is None:
             modelopt_quantize(model, quant_config(formats[0], request.kv_cache, skipped), forward_loop=calibrator)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .blockquant import Scheme
 from .errors import LabsError
 from .evaluate import perplexity
+from .fake_quant import fake_quantize_weight_
 from .layerwise import SKIP, decoder_layers, linear_layers
 
 __all__ = ["block_linears", "quantized_in_place", "block_sensitivity", "effective_bits", "pick_under_budget",
@@ -40,8 +41,7 @@ def quantized_in_place(model, names: list[str], scheme: Scheme) -> Iterator[None
     saved = {n: modules[n].weight.detach().clone() for n in names}
     try:
         for n in names:
-            w = modules[n].weight
-            w.copy_(scheme.fake_quantize(w).to(w.dtype))
+            fake_quantize_weight_(modules[n], scheme)
         yield
     finally:
         for n, w in saved.items():
@@ -93,6 +93,5 @@ def mixed_precision_copy(model, blocks: dict[str, list[str]], low: Scheme, high:
     for block, names in blocks.items():
         scheme = high if block in keep else low
         for n in names if scheme is not None else ():
-            w = modules[n].weight
-            w.copy_(scheme.fake_quantize(w).to(w.dtype))
+            fake_quantize_weight_(modules[n], scheme)
     return model
