@@ -67,7 +67,8 @@ def build_random_model(folder: Path, shape_name: str = "Llama-3.1-8B", seed: int
 
 def reference_run(folder: Path, samples: list[torch.Tensor], config: dict, batch_size: int, pad_id: int) -> dict:
     """Model Optimizer called directly on the model of `folder` (BF16, already on the GPU): `mtq.quantize` with the
-    same samples and batches as the CLI, then `export_hf_checkpoint` into a scratch folder; seconds and peak bytes."""
+    same samples and batches as the CLI, then `export_hf_checkpoint` into a scratch folder; seconds and peak bytes.
+    The same batches through the unquantized model first give the floor of the calibration step (`forward_s`)."""
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM
 
@@ -77,9 +78,18 @@ def reference_run(folder: Path, samples: list[torch.Tensor], config: dict, batch
     mtq = require_modelopt()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda").eval()
     weights = torch.cuda.memory_allocated()
+    calibrator = Calibrator(samples, batch_size, pad_id)
+    with torch.inference_mode():
+        calibrator(model)  # a warm-up that is also the floor: the forward passes alone
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        calibrator(model)
+    torch.cuda.synchronize()
+    forward_s = time.perf_counter() - start
     reset_peak_memory()
     start = time.perf_counter()
-    mtq.quantize(model, config, Calibrator(samples, batch_size, pad_id))
+    mtq.quantize(model, config, calibrator)
     torch.cuda.synchronize()
     quantize_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as scratch:
@@ -90,9 +100,9 @@ def reference_run(folder: Path, samples: list[torch.Tensor], config: dict, batch
     peak = torch.cuda.max_memory_allocated()
     del model
     torch.cuda.empty_cache()
-    return {"quantize_s": round(quantize_s, 2), "export_s": round(export_s, 2), "weights_bytes": weights,
-            "peak_memory_bytes": peak, "checkpoint_bytes": checkpoint, "samples": len(samples),
-            "tokens": sum(len(s) for s in samples), "batch_size": batch_size}
+    return {"forward_s": round(forward_s, 2), "quantize_s": round(quantize_s, 2), "export_s": round(export_s, 2),
+            "weights_bytes": weights, "peak_memory_bytes": peak, "checkpoint_bytes": checkpoint,
+            "samples": len(samples), "tokens": sum(len(s) for s in samples), "batch_size": batch_size}
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -151,10 +161,12 @@ def scale_rows(records: dict) -> tuple[list[dict], list[dict]]:
         elif "quantize_s" in r:  # Model Optimizer called directly
             runs.append({"run": name, "device": f"{len(r['device'])} x {r['device'][0]}", "conditions": r["conditions"],
                          "placement": "one GPU",
+                         "calibration forwards alone s": r.get("forward_s", ""),
                          "quantize s": r["quantize_s"], "export s": r["export_s"],
                          "peak GPU GB": round(r["peak_memory_bytes"] / 1e9, 2),
                          "checkpoint GB": round(r["checkpoint_bytes"] / 1e9, 2)})
-    columns = ["run", "device", "conditions", "placement", "load s", "calibration data s", "quantize s", "export s",
+    columns = ["run", "device", "conditions", "placement", "load s", "calibration data s",
+               "calibration forwards alone s", "quantize s", "export s",
                "validate s", "whole command s", "peak GPU GB", "checkpoint GB", "valid"]
     return [{k: row.get(k, "") for k in columns} for row in runs], comparisons
 
@@ -191,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("b", type=Path)
     for sub in (build, ref, rec, cmp):
         sub.add_argument("--record", help="name of the record in results/09_scale_gpu.json")
+        sub.add_argument("--conditions", default="alone", help="what else ran on the GPU meanwhile (default: alone)")
     args = p.parse_args(argv)
     try:
         if args.step == "build":
@@ -216,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(record, indent=1, default=str)[:4000])
     if args.record:
-        add_record(args.record, record)
+        add_record(args.record, record | {"conditions": args.conditions})
     return 0
 
 

@@ -147,6 +147,7 @@ def build_report(root: Path | None = None) -> Path:
     lines += [markdown_table([{"machine": name, "device": run["log"].get("machine", {}).get("name", ""),
                                "profile": run["log"].get("profile", ""),
                                "started (UTC)": run["log"].get("started_utc", ""),
+                               "labs at a time": run["log"].get("jobs", 1),
                                "lab time s": round(sum(v["seconds"] for v in run["log"].get("labs", {}).values())),
                                "corpus text": _corpus_text(run),
                                "reruns": "; ".join(f"{', '.join(r['labs'])} at {r['started_utc']}"

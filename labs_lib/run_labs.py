@@ -1,11 +1,13 @@
 """The main job: execute every lab headlessly with papermill, then build results/REPORT.md.
 
-    python -m labs_lib.run_labs [--profile quick|full] [--model ID_OR_PATH] [--labs 01 02]
+    python -m labs_lib.run_labs [--profile quick|full] [--model ID_OR_PATH] [--labs 01 02] [--jobs N]
 
 The profile follows the device (quick on a CPU, full on a GPU) unless given. A CPU run writes results/ and
 results/executed/; a GPU run writes results/gpu/ and results/executed-gpu/, so the report holds one run per machine.
 A run at the other profile goes beside them (results/gpu-quick/, results/cpu-full/): the GPU's quick run evaluates
 the CPU's exact tokens, which is how the report checks that both machines compute the same perplexities.
+--jobs N executes N labs at a time, each in its own kernel (a GPU machine has the cores and memory for it); the log
+records N, since labs that share a machine take longer each.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from .files import write_atomic
@@ -35,10 +38,23 @@ def machine_folders(device: str, profile: str) -> tuple[Path, Path]:
     return results, REPO / "results" / ("executed" + (f"-{sub}" if sub else ""))
 
 
-def run(profile: str | None, model: str | None, labs: list[str] | None) -> int:
-    """Execute the labs (all, or `labs`) in one process; log each lab's status, wall time and the run's machine."""
+def execute(notebook: Path, executed: Path) -> tuple[str, float]:
+    """Execute one lab headlessly into `executed`; (status, wall seconds). A failure is reported, not raised."""
     import papermill
 
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(notebook), str(executed / notebook.name), cwd=str(NOTEBOOKS),
+                                   progress_bar=False)
+        status = "ok"
+    except Exception as exc:  # keep going: the report says which lab failed and where
+        status = f"failed: {type(exc).__name__}"
+        print(exc, file=sys.stderr)
+    return status, round(time.perf_counter() - start, 1)
+
+
+def run(profile: str | None, model: str | None, labs: list[str] | None, jobs: int = 1) -> int:
+    """Execute the labs (all, or `labs`), `jobs` at a time; log each lab's status, wall time and the run's machine."""
     device = default_device()
     profile = profile or default_profile()
     results, executed = machine_folders(device, profile)
@@ -51,26 +67,19 @@ def run(profile: str | None, model: str | None, labs: list[str] | None) -> int:
     previous = json.loads(log_path.read_text()) if labs and log_path.is_file() else {}
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     log = {"machine": device_info(), "profile": profile, "started_utc": previous.get("started_utc", started),
-           "labs": previous.get("labs", {})}
+           "jobs": previous.get("jobs", jobs), "labs": previous.get("labs", {})}
     if previous:  # a rerun of some labs joins the machine's run, and says so
-        log["reruns"] = previous.get("reruns", []) + [{"labs": labs, "started_utc": started}]
+        log["reruns"] = previous.get("reruns", []) + [{"labs": labs, "started_utc": started, "jobs": jobs}]
+    notebooks = [nb for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) if not labs or nb.name[:2] in labs]
+    for nb in notebooks:
+        print(f"== lab {nb.name[:2]}: {nb.name} (profile {profile}, {device}, {jobs} at a time)", flush=True)
     failures = 0
-    for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):
-        lab = nb.name[:2]
-        if labs and lab not in labs:
-            continue
-        print(f"== lab {lab}: {nb.name} (profile {profile}, {device})", flush=True)
-        start = time.perf_counter()
-        try:
-            papermill.execute_notebook(str(nb), str(executed / nb.name), cwd=str(NOTEBOOKS), progress_bar=False)
-            status = "ok"
-        except Exception as exc:  # keep going: the report says which lab failed and where
-            status = f"failed: {type(exc).__name__}"
-            failures += 1
-            print(exc, file=sys.stderr)
-        seconds = round(time.perf_counter() - start, 1)
-        log["labs"][lab] = {"notebook": nb.name, "status": status, "seconds": seconds}
-        print(f"   {status} in {seconds} s", flush=True)
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        outcomes = pool.map(execute, notebooks, [executed] * len(notebooks))
+        for nb, (status, seconds) in zip(notebooks, outcomes):
+            failures += status != "ok"
+            log["labs"][nb.name[:2]] = {"notebook": nb.name, "status": status, "seconds": seconds}
+            print(f"   lab {nb.name[:2]}: {status} in {seconds} s", flush=True)
     # written once the run ends, so each lab's header shows the last complete run's times, not a half-written log
     write_atomic(log_path, json.dumps(log, indent=1).encode())
     print(f"report: {build_report()}")
@@ -84,8 +93,11 @@ def main() -> None:
     parser.add_argument("--model", default=None,
                         help="Hugging Face id or local folder (default: LABS_MODEL or the embedded model)")
     parser.add_argument("--labs", nargs="*", help="two-digit lab numbers to run (default: all)")
+    parser.add_argument("--jobs", type=int, default=1, help="labs executed at a time, each in its own kernel")
     args = parser.parse_args()
-    sys.exit(run(args.profile, args.model, args.labs))
+    if args.jobs < 1:
+        parser.error("--jobs takes a whole number of at least 1")
+    sys.exit(run(args.profile, args.model, args.labs, args.jobs))
 
 
 if __name__ == "__main__":
