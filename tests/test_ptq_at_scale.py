@@ -49,12 +49,15 @@ def test_add_record_keeps_earlier_records(tmp_path):
 
 
 def test_the_committed_gpu_records():
-    """results/09_scale_gpu.json (from the lent H200s): every checkpoint valid and of one size, and the one-GPU,
-    offloaded and two-GPU checkpoints tensor-identical."""
+    """results/09_scale_gpu.json (from the lent H200s): every checkpoint valid and of one size; the one-GPU, offloaded
+    and two-GPU checkpoints tensor-identical; batch sizes 16 and 64 differ in K/V-cache scales only."""
     from labs_lib.ptq_at_scale import RECORDS, scale_rows
 
-    runs, comparisons = scale_rows(json.loads(RECORDS.read_text()))
-    assert {r["run"] for r in runs} >= {"reference_modelopt_direct", "one_gpu", "one_gpu_offload", "two_gpus"}
+    records = json.loads(RECORDS.read_text())
+    runs, comparisons = scale_rows(records)
+    assert {r["run"] for r in runs} >= {"reference_direct_b16", "one_gpu_b16", "one_gpu_offload_cpu", "two_gpus"}
     assert all(r["valid"] in (True, "") for r in runs) and len({r["checkpoint GB"] for r in runs}) == 1
-    assert comparisons and all(c["identical"] == c["tensors"] and c["hf_quant_config equal"] for c in comparisons)
+    placements = [c for c in comparisons if c["comparison"] != "batch16_vs_batch64"]
+    assert placements and all(c["identical"] == c["tensors"] and c["hf_quant_config equal"] for c in placements)
+    assert all(name.endswith(("k_scale", "v_scale")) for name in records["batch16_vs_batch64"]["differing"])
     assert all(set(r) == set(runs[0]) for r in runs)  # one column set, for one table
