@@ -24,8 +24,8 @@ try:
 except ImportError:  # a CPU-only install: the reference paths still work
     triton = None
 
-__all__ = ["FORMATS_GEMV", "PackedWeight", "pack_weight", "dequantize", "gemv_reference", "gemv", "triton_available",
-           "nvfp4_quantize_pack"]
+__all__ = ["FORMATS_GEMV", "PackedWeight", "pack_weight", "dequantize", "gemv_reference", "gemv", "gemv_op",
+           "triton_available", "nvfp4_quantize_pack"]
 
 FORMATS_GEMV = ("bf16", "fp8", "int4", "nvfp4")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -258,6 +258,22 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: dict | None = None) -> torch
     else:
         kernel[grid](xf, pw.data, pw.scale, pw.scale_2.reshape(1), y, n, k, **extra)
     return y.reshape(1, n)
+
+@torch.library.custom_op("labs::gemv", mutates_args=())
+def _gemv_custom(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None,
+                 scale_2: torch.Tensor | None, fmt: str, group: int) -> torch.Tensor:
+    return gemv(x, PackedWeight(fmt, data, scale, zero, scale_2, group))
+
+
+@_gemv_custom.register_fake
+def _(x, data, scale, zero, scale_2, fmt, group):
+    return x.new_empty(1, data.shape[0])
+
+
+def gemv_op(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    """`gemv` as a torch operator (labs::gemv), so torch.compile keeps it as one opaque call in a compiled graph."""
+    return _gemv_custom(x, pw.data, pw.scale, pw.zero, pw.scale_2, pw.fmt, pw.group)
+
 
 def nvfp4_quantize_pack(w: torch.Tensor, block_rows: int = 16, block_cols: int = 256) -> dict[str, torch.Tensor]:
     """NVFP4 quantize + pack of a 2-D tensor in one Triton pass: the bytes of `NVFP4().quantize(w)` (weight,
