@@ -107,9 +107,9 @@ def gemv_reference(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 if triton is not None:
 
     def _prune(configs, named_args, **kwargs):
-        k, group = named_args["K"], named_args.get("G", 16)
+        k, group = named_args["K"], kwargs.get("G", named_args.get("G", 16))
         kept = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0 and c.kwargs["BLOCK_K"] % group == 0]
-        return kept or configs[:1]
+        return kept
 
     _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw)
                 for bn, bk, nw in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4),
@@ -242,11 +242,14 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: dict | None = None) -> torch
     xf = _check(x, pw)
     n, k = pw.shape
     y = torch.empty(n, device=x.device, dtype=x.dtype)
-    if config is None and torch.device(x.device).type == "cuda":
+    group = pw.group if pw.fmt == "int4" else 16
+    if config is None and torch.device(x.device).type == "cuda" and k % max(128, group) == 0:
         kernel, extra = _TUNED[pw.fmt], {}
-    else:
-        kernel = _KERNELS[pw.fmt]
-        extra = dict(config or {"BLOCK_N": 4, "BLOCK_K": max(pw.group, 128) if k % 128 == 0 else 16})
+    else:  # fixed tiles: the largest power-of-two BLOCK_K (<= 512) that divides K and is a multiple of the group
+        tiles = [b for b in (16, 32, 64, 128, 256, 512) if k % b == 0 and b % group == 0]
+        if not tiles:
+            raise LabsError(f"in_features {k} has no power-of-two tile that is a multiple of the group {group}.")
+        kernel, extra = _KERNELS[pw.fmt], dict(config or {"BLOCK_N": 4, "BLOCK_K": tiles[-1]})
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
