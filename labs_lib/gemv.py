@@ -139,53 +139,57 @@ if triton is not None:
     @triton.jit
     def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
-        """Two 4-bit codes per byte; per group: scale * (sum code * x - zero * sum x)."""
-        HALF: tl.constexpr = BLOCK_K // 2
+        """Two 4-bit codes per byte; tiles (rows, groups, bytes of a group), so each group sums along its own axis.
+
+        A code c placed in the top mantissa bits of 1.0 reads as 1 + c/16 (two integer ops, no int->float
+        convert); per group sum((1 + c/16) x) = sum(x) + sum(c x)/16, so scale * (sum(c x) - zero * sum(x))
+        = scale * (16 * that - (16 + zero) * sum(x))."""
         NG: tl.constexpr = BLOCK_K // G
+        HG: tl.constexpr = G // 2
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows[:, None] < N
-        j = tl.arange(0, HALF)
-        g = tl.arange(0, NG)
+        r3 = rows[:, None, None]
+        g2 = tl.arange(0, NG)[:, None]
+        j2 = tl.arange(0, HG)[None, :]
         acc = tl.zeros((BLOCK_N, NG), tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            xe = tl.load(x_ptr + k0 + 2 * j).to(tl.float32)
-            xo = tl.load(x_ptr + k0 + 2 * j + 1).to(tl.float32)
-            b = tl.load(w_ptr + rows[:, None].to(tl.int64) * (K // 2) + k0 // 2 + j[None, :], mask=rmask, other=0)
+            xe = tl.load(x_ptr + k0 + g2 * G + 2 * j2).to(tl.float32)  # (NG, HG): even inputs of each group
+            xo = tl.load(x_ptr + k0 + g2 * G + 2 * j2 + 1).to(tl.float32)
+            b = tl.load(w_ptr + r3.to(tl.int64) * (K // 2) + k0 // 2 + g2[None] * HG + j2[None], mask=r3 < N, other=0)
             b = b.to(tl.int32)
-            # 2**23 + code as a float32 bit pattern, minus 2**23: the code as a float without an int->float convert
-            lo = ((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            part = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BLOCK_N, NG, G // 2)), axis=2)
-            xsum = tl.sum(tl.reshape(xe + xo, (NG, G // 2)), axis=1)
-            gidx = rows[:, None].to(tl.int64) * (K // G) + k0 // G + g[None, :]
-            scale = tl.load(s_ptr + gidx, mask=rmask, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + gidx, mask=rmask, other=0).to(tl.float32)
-            acc += scale * (part - zero * xsum[None, :])
+            lo = (((b << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            hi = (((b << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            part = tl.sum(lo * xe[None] + hi * xo[None], axis=2)  # (BLOCK_N, NG)
+            xsum = tl.sum(xe + xo, axis=1)  # (NG,)
+            gidx = rows[:, None].to(tl.int64) * (K // G) + k0 // G + tl.arange(0, NG)[None, :]
+            scale = tl.load(s_ptr + gidx, mask=rows[:, None] < N, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + gidx, mask=rows[:, None] < N, other=0).to(tl.float32)
+            acc += scale * (16.0 * part - (16.0 + zero) * xsum[None, :])
         tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
     def _nvfp4_kernel(x_ptr, w_ptr, s_ptr, s2_ptr, y_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
-        """E2M1 codes, two per byte; E4M3 scale per 16; FP32 tensor scale. A code's 3 magnitude bits placed at
-        bit 9 of an FP16 are its value * 2**-14 (subnormals included): no table, no branch."""
-        HALF: tl.constexpr = BLOCK_K // 2
+        """E2M1 codes, two per byte; E4M3 scale per 16; FP32 tensor scale. A code times 0x10400000 holds copies
+        at bits 22 and 28; masking keeps the magnitude at bits 22-24 and the sign at bit 31: a float32 equal to
+        the E2M1 value * 2**-126 (code 1 a subnormal, exact). The inputs are scaled by 2**100 so that the
+        products are normal floats; 2**26 restores the scale at the end."""
         NG: tl.constexpr = BLOCK_K // 16
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows[:, None] < N
-        j = tl.arange(0, HALF)
-        g = tl.arange(0, NG)
+        r3 = rows[:, None, None]
+        g2 = tl.arange(0, NG)[:, None]
+        j2 = tl.arange(0, 8)[None, :]
         acc = tl.zeros((BLOCK_N, NG), tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            xe = tl.load(x_ptr + k0 + 2 * j).to(tl.float32)
-            xo = tl.load(x_ptr + k0 + 2 * j + 1).to(tl.float32)
-            b = tl.load(w_ptr + rows[:, None].to(tl.int64) * (K // 2) + k0 // 2 + j[None, :], mask=rmask, other=0)
-            b = b.to(tl.int32)
-            lo = (((b & 7) << 9) | ((b & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            hi = (((b & 0x70) << 5) | ((b & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            part = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BLOCK_N, NG, 8)), axis=2)
-            gidx = rows[:, None].to(tl.int64) * (K // 16) + k0 // 16 + g[None, :]
-            acc += part * tl.load(s_ptr + gidx, mask=rmask, other=0.0).to(tl.float32)
-        y = tl.sum(acc, axis=1) * (tl.load(s2_ptr) * 16384.0)
+            xe = tl.load(x_ptr + k0 + g2 * 16 + 2 * j2).to(tl.float32) * 1.2676506002282294e30  # 2**100
+            xo = tl.load(x_ptr + k0 + g2 * 16 + 2 * j2 + 1).to(tl.float32) * 1.2676506002282294e30
+            b = tl.load(w_ptr + r3.to(tl.int64) * (K // 2) + k0 // 2 + g2[None] * 8 + j2[None], mask=r3 < N, other=0)
+            b = b.to(tl.uint32)
+            lo = (((b & 0xF) * 0x10400000) & 0x81C00000).to(tl.float32, bitcast=True)
+            hi = (((b >> 4) * 0x10400000) & 0x81C00000).to(tl.float32, bitcast=True)
+            part = tl.sum(lo * xe[None] + hi * xo[None], axis=2)  # (BLOCK_N, NG)
+            gidx = rows[:, None].to(tl.int64) * (K // 16) + k0 // 16 + tl.arange(0, NG)[None, :]
+            acc += part * tl.load(s_ptr + gidx, mask=rows[:, None] < N, other=0.0).to(tl.float32)
+        y = tl.sum(acc, axis=1) * (tl.load(s2_ptr) * 67108864.0)  # 2**26
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     _KERNELS = {"bf16": _dense_kernel, "fp8": _dense_kernel, "int4": _int4_kernel, "nvfp4": _nvfp4_kernel}
