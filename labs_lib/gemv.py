@@ -10,6 +10,7 @@ Set TRITON_INTERPRET=1 to run the kernels on CPU tensors (slowly), as the CPU te
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from .errors import LabsError
 try:
     import triton
     import triton.language as tl
+    import triton.testing
 except ImportError:  # a CPU-only install: the reference paths still work
     triton = None
 
@@ -117,7 +119,7 @@ if triton is not None:
 
     def _tuned(kernel):
         return triton.autotune(configs=_CONFIGS, key=["N", "K"], prune_configs_by={"early_config_prune": _prune},
-                               warmup=5, rep=20)(kernel)
+                               do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20))(kernel)
 
     @triton.jit
     def _dense_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
