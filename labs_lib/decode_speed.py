@@ -127,10 +127,11 @@ class DecodeModel:
         gate, up = self._linear(self._rms_norm(x), gate_up_weight).chunk(2, dim=-1)
         return x + self._linear(F.silu(gate) * up, down_weight)
 
-    def compile(self, enabled: bool = True) -> None:
+    def compile(self, enabled: bool = True, mode: str | None = None) -> None:
         """torch.compile the two pure parts of a layer (the small ops around the matmuls fuse into a few kernels);
-        the KV-cache writes stay outside, so the compiled code never copies a whole cache it mutates."""
-        compiled = (lambda f: torch.compile(f, fullgraph=True)) if enabled else (lambda f: f)
+        the KV-cache writes stay outside, so the compiled code never copies a whole cache it mutates. `mode` is
+        torch.compile's (e.g. "max-autotune-no-cudagraphs")."""
+        compiled = (lambda f: torch.compile(f, fullgraph=True, mode=mode)) if enabled else (lambda f: f)
         self.attention_inputs = compiled(self._attention_inputs)
         self.block_output = compiled(self._block_output)
 
@@ -183,13 +184,14 @@ class DecodeModel:
 
 
 def time_decode(model: DecodeModel, mode: str = "graph", tokens: int = 128, context: int = 256,
-                profile: bool = False) -> dict:
+                profile: bool = False, compile_mode: str | None = None) -> dict:
     """ms per decoded token after `context` positions, for mode 'eager', 'graph' (CUDA graph of the eager step)
-    or 'compiled' (`DecodeModel.compile`, then a CUDA graph of the step). `profile` adds "top kernels"."""
+    or 'compiled' (`DecodeModel.compile` with `compile_mode`, then a CUDA graph of the step). `profile` adds
+    "top kernels"."""
     device = model.device
     token = torch.zeros(1, dtype=torch.long, device=device)
     pos = torch.tensor(context, device=device)
-    model.compile(mode == "compiled")
+    model.compile(mode == "compiled", compile_mode)
 
     def advance():
         token.copy_(model.step(token, pos))
@@ -218,7 +220,8 @@ def time_decode(model: DecodeModel, mode: str = "graph", tokens: int = 128, cont
         torch.cuda.synchronize()
     ms = 1000 * (time.perf_counter() - start) / tokens
     bytes_per_token = model.weight_bytes_per_token() + model.kv_bytes_per_token(context)
-    row = {"mode": mode, "weights": model.weights_label, "ms/token": round(ms, 3), "tokens/s": round(1000 / ms, 1),
+    label = mode if compile_mode is None else f"{mode} ({compile_mode})"
+    row = {"mode": label, "weights": model.weights_label, "ms/token": round(ms, 3), "tokens/s": round(1000 / ms, 1),
            "GB read/token": round(bytes_per_token / 1e9, 3), "achieved GB/s": round(bytes_per_token / ms / 1e6, 0)}
     if profile:
         try:
@@ -269,7 +272,8 @@ def time_prefill(model: DecodeModel, tokens: int = 2048, repeats: int = 5) -> di
     flops = model.prefill_flops(tokens)
     return {"weights": model.weights_label, "tokens": tokens, "ms": round(1000 * seconds, 2),
             "tokens/s": round(tokens / seconds, 0), "TFLOP/s": round(flops / seconds / 1e12, 1),
-            "TFLOP per prefill": round(flops / 1e12, 2)}
+            "TFLOP per prefill": round(flops / 1e12, 2),
+            "GB of weights": round(model.weight_bytes_per_token() / 1e9, 3)}
 
 
 def measure_copy_bandwidth(n_bytes: int = 2 << 30, device: str = "cuda", repeats: int = 10) -> float:
@@ -369,9 +373,47 @@ def _summary(record: dict) -> list[str]:
     return lines
 
 
+def _measure_models(parts: set[str], errors: dict, add, add_prefill, hardware) -> None:
+    """The decode and prefill parts on one Llama-3.1-8B-shaped model, most wanted first; each row goes to `add`."""
+    model = DecodeModel(LLAMA_3_1_8B)
+    if "decode" in parts:
+        add(_attempt(errors, "BF16 compiled", lambda: time_decode(model, "compiled", profile=True)))
+    if "gemv" in parts:
+        for fmt in ("int4", "nvfp4", "fp8", "bf16"):
+            def run(fmt=fmt):
+                model.to_gemv_weights(fmt, lm_head=fmt != "fp8")
+                return time_decode(model, "compiled", profile=True)
+
+            add(_attempt(errors, f"{fmt} GEMV compiled", run))
+            model.to_bf16_weights()
+    if "decode" in parts:
+        for mode in ("eager", "graph"):
+            tokens = 32 if mode == "eager" else 128
+            add(_attempt(errors, f"BF16 {mode}", lambda: time_decode(model, mode, tokens=tokens)))
+    if "max-autotune" in parts:
+        add(_attempt(errors, "BF16 max-autotune", lambda: time_decode(model, "compiled",
+                                                                      compile_mode="max-autotune-no-cudagraphs")))
+    if "prefill" in parts:
+        add_prefill(_attempt(errors, "prefill BF16", lambda: time_prefill(model)), hardware and hardware.bf16_tflops)
+    if "decode" in parts or "prefill" in parts:
+        model.to_fp8_weights()
+    if "decode" in parts:
+        for mode in ("graph", "compiled"):
+            add(_attempt(errors, f"FP8 per-tensor {mode}", lambda: time_decode(model, mode)))
+    if "prefill" in parts:
+        add_prefill(_attempt(errors, "prefill FP8", lambda: time_prefill(model)), hardware and hardware.fp8_tflops)
+
+
+PARTS = ("decode", "gemv", "prefill", "pack", "training", "max-autotune")
+DEFAULT_PARTS = ("decode", "gemv", "prefill")
+ALL_PARTS = ("decode", "gemv", "prefill", "pack", "training")
+ROW_ORDER = [("eager", "bfloat16"), ("graph", "bfloat16"), ("compiled", "bfloat16"), ("graph", "FP8 E4M3 (per-tensor)"),
+             ("compiled", "FP8 E4M3 (per-tensor)")]  # the rows the labs have always read come first, in this order
+
+
 def main(argv: list[str] | None = None) -> None:
     """On a CUDA GPU: decode speed (BF16, FP8, INT4, NVFP4) and prefill; writes results/08_engine_gpu.json after each
-    measurement. --all also measures the FP8 training step (results/06_fp8_gpu.json) and NVFP4 packing."""
+    measurement. --all also measures NVFP4 packing and the FP8 training step (results/06_fp8_gpu.json)."""
     import argparse
     import datetime as dt
     import json
@@ -383,9 +425,14 @@ def main(argv: list[str] | None = None) -> None:
     from .roofline import HARDWARE
 
     parser = argparse.ArgumentParser(prog="python -m labs_lib.decode_speed", description=main.__doc__)
-    parser.add_argument("--all", action="store_true", help="also the FP8 training step and NVFP4 packing")
+    parser.add_argument("--all", action="store_true", help="every part but max-autotune: " + ",".join(ALL_PARTS))
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                        help=f"comma-separated, of {','.join(PARTS)} (default: %(default)s)")
     parser.add_argument("--out", help="results folder (default: $LABS_RESULTS_DIR, else results/)")
     args = parser.parse_args(argv)
+    parts = set(ALL_PARTS if args.all else args.parts.split(","))
+    if parts - set(PARTS):
+        raise SystemExit(f"Unknown part(s) {', '.join(sorted(parts - set(PARTS)))}: choose from {', '.join(PARTS)}.")
     if args.out:
         os.environ["LABS_RESULTS_DIR"] = args.out
         os.makedirs(args.out, exist_ok=True)
@@ -414,6 +461,8 @@ def main(argv: list[str] | None = None) -> None:
             row["% of ceiling"] = round(100 * row["floor ms (published bandwidth)"] / row["ms/token"], 1)
         row["% of measured-copy ceiling"] = round(100 * row["GB read/token"] / copy_gb_s * 1000 / row["ms/token"], 1)
         record["rows"].append(row)
+        record["rows"].sort(key=lambda r: ROW_ORDER.index((r["mode"], r["weights"]))
+                            if (r["mode"], r["weights"]) in ROW_ORDER else len(ROW_ORDER))
         write_atomic(path, json.dumps(record, indent=1).encode())
 
     def add_prefill(row: dict | None, tflops: float | None) -> None:
@@ -424,27 +473,12 @@ def main(argv: list[str] | None = None) -> None:
         record["prefill"].append(row)
         write_atomic(path, json.dumps(record, indent=1).encode())
 
-    model = DecodeModel(LLAMA_3_1_8B)
-    for mode in ("eager", "graph", "compiled"):
-        add(_attempt(errors, f"BF16 {mode}", lambda: time_decode(model, mode, tokens=32 if mode == "eager" else 128,
-                                                                 profile=mode == "compiled")))
-    add_prefill(_attempt(errors, "prefill BF16", lambda: time_prefill(model)), hardware and hardware.bf16_tflops)
-    model.to_fp8_weights()
-    for mode in ("graph", "compiled"):
-        add(_attempt(errors, f"FP8 per-tensor {mode}", lambda: time_decode(model, mode)))
-    add_prefill(_attempt(errors, "prefill FP8", lambda: time_prefill(model)), hardware and hardware.fp8_tflops)
-    for fmt in ("fp8", "int4", "nvfp4", "bf16"):
-        model.to_bf16_weights()
-
-        def run(fmt=fmt):
-            model.to_gemv_weights(fmt, lm_head=fmt != "fp8")
-            return time_decode(model, "compiled", profile=True)
-
-        add(_attempt(errors, f"{fmt} GEMV compiled", run))
-    model.to_bf16_weights()
-    if args.all:
+    _measure_models(parts, errors, add, add_prefill, hardware)
+    torch.cuda.empty_cache()
+    if "pack" in parts:
         record["nvfp4 quantize+pack"] = _attempt(errors, "NVFP4 quantize+pack", nvfp4_pack_speed)
         write_atomic(path, json.dumps(record, indent=1).encode())
+    if "training" in parts:
         from . import training
 
         training_record = _attempt(errors, "FP8 training step", training.main)

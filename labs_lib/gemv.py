@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -36,9 +36,9 @@ def triton_available(device: str | torch.device = "cuda") -> bool:
     """Whether the Triton kernels can run on tensors of `device` (CUDA, or CPU under TRITON_INTERPRET=1)."""
     return triton is not None and (torch.device(device).type == "cuda" or INTERPRET)
 
-@dataclass
-class PackedWeight:
-    """A weight (out_features N, in_features K) stored for the GEMV kernels.
+class PackedWeight(NamedTuple):
+    """A weight (out_features N, in_features K) stored for the GEMV kernels (a named tuple, so torch.compile
+    takes its tensors as graph inputs and one compiled graph serves every layer).
 
     data: int4/nvfp4 uint8 (N, K/2), low nibble = even column; fp8 float8_e4m3fn (N, K); bf16 the weight.
     scale: int4 FP16 (N, K/group); nvfp4 float8_e4m3fn (N, K/16); fp8 FP32 (N,); bf16 None.
