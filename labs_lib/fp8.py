@@ -179,7 +179,8 @@ class _TensorwiseFP8Function(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         xq, x_inv = _cast_tensorwise(x2, torch.float8_e4m3fn)
         wq, w_inv = _cast_tensorwise(weight, torch.float8_e4m3fn)
-        y = torch._scaled_mm(xq, wq.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=x.dtype)
+        y = torch._scaled_mm(xq, wq.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=x.dtype,
+                             use_fast_accum=True)  # as torchao does for the forward GEMM
         ctx.save_for_backward(xq, x_inv, wq, w_inv)
         ctx.w_dtype = weight.dtype
         return y.reshape(*x.shape[:-1], weight.shape[0])
