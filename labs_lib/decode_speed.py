@@ -377,31 +377,58 @@ def _measure_models(parts: set[str], errors: dict, add, add_prefill, hardware) -
     """The decode and prefill parts on one Llama-3.1-8B-shaped model, most wanted first; each row goes to `add`."""
     model = DecodeModel(LLAMA_3_1_8B)
     if "decode" in parts:
-        add(_attempt(errors, "BF16 compiled", lambda: time_decode(model, "compiled", profile=True)))
+        add(_attempt(errors, "decode: BF16 compiled", lambda: time_decode(model, "compiled", profile=True)))
     if "gemv" in parts:
         for fmt in ("int4", "nvfp4", "fp8", "bf16"):
             def run(fmt=fmt):
                 model.to_gemv_weights(fmt, lm_head=fmt != "fp8")
                 return time_decode(model, "compiled", profile=True)
 
-            add(_attempt(errors, f"{fmt} GEMV compiled", run))
+            add(_attempt(errors, f"gemv: {fmt}", run))
             model.to_bf16_weights()
     if "decode" in parts:
         for mode in ("eager", "graph"):
             tokens = 32 if mode == "eager" else 128
-            add(_attempt(errors, f"BF16 {mode}", lambda: time_decode(model, mode, tokens=tokens)))
+            add(_attempt(errors, f"decode: BF16 {mode}", lambda: time_decode(model, mode, tokens=tokens)))
     if "max-autotune" in parts:
-        add(_attempt(errors, "BF16 max-autotune", lambda: time_decode(model, "compiled",
+        add(_attempt(errors, "max-autotune: BF16", lambda: time_decode(model, "compiled",
                                                                       compile_mode="max-autotune-no-cudagraphs")))
     if "prefill" in parts:
-        add_prefill(_attempt(errors, "prefill BF16", lambda: time_prefill(model)), hardware and hardware.bf16_tflops)
+        add_prefill(_attempt(errors, "prefill: BF16", lambda: time_prefill(model)), hardware and hardware.bf16_tflops)
     if "decode" in parts or "prefill" in parts:
         model.to_fp8_weights()
     if "decode" in parts:
         for mode in ("graph", "compiled"):
-            add(_attempt(errors, f"FP8 per-tensor {mode}", lambda: time_decode(model, mode)))
+            add(_attempt(errors, f"decode: FP8 per-tensor {mode}", lambda: time_decode(model, mode)))
     if "prefill" in parts:
-        add_prefill(_attempt(errors, "prefill FP8", lambda: time_prefill(model)), hardware and hardware.fp8_tflops)
+        add_prefill(_attempt(errors, "prefill: FP8", lambda: time_prefill(model)), hardware and hardware.fp8_tflops)
+
+
+def _part_of(label: str) -> str:
+    """The part of main() that measures a decode row or profile entry, from its weights and mode text."""
+    return "gemv" if "Triton GEMV" in label else "max-autotune" if "max-autotune" in label else "decode"
+
+
+def _keep_other_parts(record: dict, path, parts: set[str], device_name: str) -> None:
+    """Carry over from the previous record on the same GPU what this run does not measure again, so parts can run
+    as separate commands; everything of the parts run now starts empty."""
+    import json
+
+    if not path.exists():
+        return
+    previous = json.loads(path.read_text())
+    if previous.get("device", {}).get("name") != device_name:
+        return
+    record["rows"] = [r for r in previous.get("rows", []) if _part_of(f"{r['weights']} {r['mode']}") not in parts]
+    record["profile"] = {k: v for k, v in previous.get("profile", {}).items() if _part_of(k) not in parts}
+    if "prefill" not in parts:
+        record["prefill"] = previous.get("prefill", [])
+    if "pack" not in parts and "nvfp4 quantize+pack" in previous:
+        record["nvfp4 quantize+pack"] = previous["nvfp4 quantize+pack"]
+    record["errors"].update({k: v for k, v in previous.get("errors", {}).items() if k.split(":")[0] not in parts})
+    earlier = previous.get("parts measured (UTC)", {"decode": previous.get("date_utc")})
+    record["parts measured (UTC)"] = {**{p: d for p, d in earlier.items() if p not in parts},
+                                      **record["parts measured (UTC)"]}
 
 
 PARTS = ("decode", "gemv", "prefill", "pack", "training", "max-autotune")
@@ -445,11 +472,13 @@ def main(argv: list[str] | None = None) -> None:
     peak = hardware.bandwidth_gb_s if hardware else None
     copy_gb_s = measure_copy_bandwidth()
     errors: dict[str, str] = {}
-    record = {"date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "device": device_info(),
-              "versions": library_versions(), "shape": LLAMA_3_1_8B.__dict__, "context": 256,
-              "published bandwidth GB/s": peak, "measured copy bandwidth GB/s": round(copy_gb_s, 0), "rows": [],
-              "profile": {}, "prefill": [], "errors": errors}
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    record = {"date_utc": now, "device": device_info(), "versions": library_versions(),
+              "shape": LLAMA_3_1_8B.__dict__, "context": 256, "published bandwidth GB/s": peak,
+              "measured copy bandwidth GB/s": round(copy_gb_s, 0), "rows": [], "profile": {}, "prefill": [],
+              "errors": errors, "parts measured (UTC)": {part: now for part in sorted(parts)}}
     path = results_dir() / GPU_DECODE_FILE
+    _keep_other_parts(record, path, parts, name)
 
     def add(row: dict | None) -> None:
         if row is None:
@@ -476,12 +505,12 @@ def main(argv: list[str] | None = None) -> None:
     _measure_models(parts, errors, add, add_prefill, hardware)
     torch.cuda.empty_cache()
     if "pack" in parts:
-        record["nvfp4 quantize+pack"] = _attempt(errors, "NVFP4 quantize+pack", nvfp4_pack_speed)
+        record["nvfp4 quantize+pack"] = _attempt(errors, "pack: NVFP4 quantize+pack", nvfp4_pack_speed)
         write_atomic(path, json.dumps(record, indent=1).encode())
     if "training" in parts:
         from . import training
 
-        training_record = _attempt(errors, "FP8 training step", training.main)
+        training_record = _attempt(errors, "training: FP8 training step", training.main)
         if training_record:
             print("training step rows:")
             for row in training_record["rows"]:
