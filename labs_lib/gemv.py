@@ -32,9 +32,11 @@ __all__ = ["FORMATS_GEMV", "PackedWeight", "pack_weight", "dequantize", "gemv_re
 FORMATS_GEMV = ("bf16", "fp8", "int4", "nvfp4")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+
 def triton_available(device: str | torch.device = "cuda") -> bool:
     """Whether the Triton kernels can run on tensors of `device` (CUDA, or CPU under TRITON_INTERPRET=1)."""
     return triton is not None and (torch.device(device).type == "cuda" or INTERPRET)
+
 
 class PackedWeight(NamedTuple):
     """A weight (out_features N, in_features K) stored for the GEMV kernels (a named tuple, so torch.compile
@@ -63,6 +65,7 @@ class PackedWeight(NamedTuple):
         tensors = (self.data, self.scale, self.zero, self.scale_2)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+
 def pack_weight(w: torch.Tensor, fmt: str, group_size: int = 128, symmetric: bool = True) -> PackedWeight:
     """Quantize w (N, K) with labs_lib's scheme for `fmt` and store it in the kernels' layout."""
     if fmt not in FORMATS_GEMV:
@@ -89,6 +92,7 @@ def pack_weight(w: torch.Tensor, fmt: str, group_size: int = 128, symmetric: boo
     return PackedWeight("int4", pack_nibbles(codes).contiguous(), q["scale"].contiguous(), zero.contiguous(),
                         None, group_size)
 
+
 def dequantize(pw: PackedWeight) -> torch.Tensor:
     """The weight the kernels multiply by, in float32 (N, K), computed with plain torch ops."""
     if pw.fmt == "bf16":
@@ -102,9 +106,11 @@ def dequantize(pw: PackedWeight) -> torch.Tensor:
     groups = codes.reshape(n, k // pw.group, pw.group) - pw.zero.float()[..., None]
     return (groups * pw.scale.float()[..., None]).reshape(n, k)
 
+
 def gemv_reference(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """x (1, K) @ dequantize(pw).T in float32, returned in x's dtype: what `gemv` must equal."""
     return (x.float() @ dequantize(pw).t()).to(x.dtype)
+
 
 if triton is not None:
 
@@ -233,6 +239,7 @@ if triton is not None:
         tl.store(s_ptr + rows[:, None].to(tl.int64) * (C // 16) + grp[None, :], bs.to(tl.float8e4nv),
                  mask=(rows[:, None] < R) & (grp[None, :] < C // 16))
 
+
 def _check(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     if not triton_available(x.device):
         raise LabsError("The GEMV kernels need Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
@@ -241,6 +248,7 @@ def _check(x: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     if x.numel() != k:
         raise LabsError(f"gemv takes one input row of {k} values (batch 1); got shape {tuple(x.shape)}.")
     return x.reshape(-1).contiguous()
+
 
 def gemv(x: torch.Tensor, pw: PackedWeight, config: dict | None = None) -> torch.Tensor:
     """x (1, K) @ dequant(W).T as one Triton kernel, (1, N) in x's dtype. `config` fixes BLOCK_N, BLOCK_K and
@@ -267,6 +275,7 @@ def gemv(x: torch.Tensor, pw: PackedWeight, config: dict | None = None) -> torch
     else:
         kernel[grid](xf, pw.data, pw.scale, pw.scale_2.reshape(1), y, n, k, **extra)
     return y.reshape(1, n)
+
 
 @torch.library.custom_op("labs::gemv", mutates_args=())
 def _gemv_custom(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None,
