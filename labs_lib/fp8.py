@@ -17,7 +17,8 @@ from .formats import FORMATS, cast
 from .layerwise import SKIP
 
 __all__ = ["FORWARD_FORMAT", "BACKWARD_FORMAT", "ScalingRecipe", "TensorScaler", "quantize", "scaled_matmul",
-           "FP8Linear", "convert_to_fp8", "fp8_layers", "underflow_fraction", "gemm_accumulation_error"]
+           "FP8Linear", "convert_to_fp8", "TensorwiseFP8Linear", "convert_to_tensorwise_fp8", "fp8_layers",
+           "underflow_fraction", "gemm_accumulation_error"]
 
 FORWARD_FORMAT = "fp8_e4m3"   # weights and activations: more precision (3 mantissa bits), max 448
 BACKWARD_FORMAT = "fp8_e5m2"  # output gradients: more range (5 exponent bits), max 57344
@@ -158,6 +159,68 @@ def convert_to_fp8(model: torch.nn.Module, recipe: ScalingRecipe = ScalingRecipe
         if type(module) is torch.nn.Linear and not any(s in name for s in skip):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, FP8Linear.from_linear(module, recipe))
+            converted.append(name)
+    return converted
+
+
+def _cast_tensorwise(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x scaled by (format max / amax), saturated and cast to `dtype`, with the inverse scale _scaled_mm takes."""
+    top = torch.finfo(dtype).max
+    scale = top / x.detach().abs().amax().float().clamp(min=1e-12)
+    return (x.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
+
+
+class _TensorwiseFP8Function(torch.autograd.Function):
+    """The three matmuls of a Linear on FP8 operands, current per-tensor scaling, no Python state: torch.compile
+    traces it whole and fuses each amax and cast into the neighbouring kernels."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, x_inv = _cast_tensorwise(x2, torch.float8_e4m3fn)
+        wq, w_inv = _cast_tensorwise(weight, torch.float8_e4m3fn)
+        y = torch._scaled_mm(xq, wq.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=x.dtype,
+                             use_fast_accum=True)  # as torchao does for the forward GEMM
+        ctx.save_for_backward(xq, x_inv, wq, w_inv)
+        ctx.w_dtype = weight.dtype
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        xq, x_inv, wq, w_inv = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        gq, g_inv = _cast_tensorwise(g, torch.float8_e5m2)
+        grad_x = torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv, out_dtype=g.dtype)
+        grad_w = torch._scaled_mm(gq.t().contiguous(), xq.t().contiguous().t(), scale_a=g_inv, scale_b=x_inv,
+                                  out_dtype=torch.float32)
+        return grad_x.reshape(*grad_out.shape[:-1], -1), grad_w.to(ctx.w_dtype)
+
+
+class TensorwiseFP8Linear(torch.nn.Linear):
+    """nn.Linear (no bias) whose matmuls run on FP8 tensor cores with current per-tensor scales (E4M3 forward,
+    E5M2 gradients); meant to run under torch.compile, on a GPU with FP8 tensor cores."""
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear) -> "TensorwiseFP8Linear":
+        """A TensorwiseFP8Linear sharing `linear`'s weight (no copy)."""
+        if linear.bias is not None:
+            raise LabsError("TensorwiseFP8Linear takes Linear layers without bias.")
+        layer = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        layer.weight = linear.weight
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _TensorwiseFP8Function.apply(x, self.weight)
+
+
+def convert_to_tensorwise_fp8(model: torch.nn.Module, skip: tuple[str, ...] = SKIP) -> list[str]:
+    """Replace every bias-free nn.Linear of `model` (in place) by a TensorwiseFP8Linear, except names containing
+    `skip`; returns the converted layer names. Compile the model afterwards."""
+    converted = []
+    for name, module in list(model.named_modules()):
+        if type(module) is torch.nn.Linear and module.bias is None and not any(s in name for s in skip):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, TensorwiseFP8Linear.from_linear(module))
             converted.append(name)
     return converted
 

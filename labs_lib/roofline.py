@@ -20,14 +20,18 @@ class Hardware:
     memory_gb: float
     bandwidth_gb_s: float
     source: str
+    bf16_tflops: float | None = None  # dense tensor-core peaks: half the published "with sparsity" figures
+    fp8_tflops: float | None = None
 
 
 HARDWARE = {
     "dgx_spark": Hardware("DGX Spark (GB10, compute capability 12.1)", 128, 273,
                           "https://www.nvidia.com/en-us/products/workstations/dgx-spark/ ; "
                           "compute capability: https://developer.nvidia.com/cuda-gpus"),
-    "h100_sxm": Hardware("H100 SXM (80 GB HBM3)", 80, 3350, "https://www.nvidia.com/en-us/data-center/h100/"),
-    "h200_sxm": Hardware("H200 SXM (141 GB HBM3e)", 141, 4800, "https://www.nvidia.com/en-us/data-center/h200/"),
+    "h100_sxm": Hardware("H100 SXM (80 GB HBM3)", 80, 3350, "https://www.nvidia.com/en-us/data-center/h100/",
+                         989.5, 1979),
+    "h200_sxm": Hardware("H200 SXM (141 GB HBM3e)", 141, 4800, "https://www.nvidia.com/en-us/data-center/h200/",
+                         989.5, 1979),
 }
 
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .data import Corpus, tokenize
 from .errors import LabsError
-from .fp8 import convert_to_fp8, gemm_accumulation_error
+from .fp8 import convert_to_fp8, convert_to_tensorwise_fp8, gemm_accumulation_error
 from .hardware import device_info
 
 __all__ = ["tiny_llama", "training_batches", "train", "lm_loss", "step_seconds", "mlp_stack", "fp8_step_comparison",
@@ -136,8 +136,9 @@ def _square_loss(model, x: torch.Tensor) -> torch.Tensor:
 def fp8_step_comparison(hidden: int = 4096, blocks: int = 4, tokens: int = 8192, steps: int = 20) -> list[dict]:
     """Training-step time of an MLP stack on this GPU in BF16 and in each FP8 path that is installed.
 
-    Paths: labs_lib's FP8Linear (eager, torch._scaled_mm), torchao float8 (tensorwise, compiled) and
-    Transformer Engine (te.Linear, DelayedScaling HYBRID). Speed-ups are against compiled BF16.
+    Paths: labs_lib's FP8Linear (eager, torch._scaled_mm) and TensorwiseFP8Linear (compiled), torchao float8
+    (tensorwise, compiled) and Transformer Engine (te.Linear, DelayedScaling HYBRID).
+    Speed-ups are against compiled BF16.
     """
     info = device_info()
     if not info["native_fp8"]:
@@ -151,6 +152,9 @@ def fp8_step_comparison(hidden: int = 4096, blocks: int = 4, tokens: int = 8192,
     ours = copy.deepcopy(base)
     convert_to_fp8(ours, skip=())
     runs["FP8 labs_lib FP8Linear (eager, torch._scaled_mm)"] = (ours, _square_loss)
+    fast = copy.deepcopy(base)
+    convert_to_tensorwise_fp8(fast, skip=())
+    runs["FP8 labs_lib TensorwiseFP8Linear (torch.compile, torch._scaled_mm)"] = (torch.compile(fast), _square_loss)
     if importlib.util.find_spec("torchao"):
         from torchao.float8 import convert_to_float8_training
 
@@ -195,7 +199,7 @@ def recorded_gpu_steps() -> dict | None:
     return recorded(GPU_STEP_FILE)
 
 
-def main() -> None:
+def main() -> dict:
     """Measure `fp8_step_comparison` on this GPU and write results/06_fp8_gpu.json for lab 06 and the report."""
     import datetime as dt
     import json
@@ -211,6 +215,7 @@ def main() -> None:
     path = results_dir() / GPU_STEP_FILE
     write_atomic(path, json.dumps(record, indent=1).encode())
     print(json.dumps(record, indent=1))
+    return record
 
 
 if __name__ == "__main__":

@@ -75,3 +75,28 @@ def test_gguf_bytes_per_token_counts_the_tied_embedding(facts):
     assert gguf_bytes_per_token(path) == sum(t["bytes"] for t in info["tensors"])
     kv_f16 = 2 * facts.layers * facts.kv_heads * facts.head_dim * 100 * 2  # K and V, 100 tokens, F16
     assert gguf_bytes_per_token(path, context=100) - gguf_bytes_per_token(path) == kv_f16
+
+
+def test_a_partial_gpu_run_keeps_the_other_parts_of_the_record(tmp_path):
+    """`--parts gemv` re-measures only the GEMV rows; the decode rows, prefill and their dates stay, and nothing of
+    the previous GEMV run (rows, profile, errors) survives; a record from another GPU is never merged."""
+    import json
+
+    from labs_lib.decode_speed import _keep_other_parts
+
+    previous = {"device": {"name": "H200"}, "date_utc": "then",
+                "rows": [{"mode": "compiled", "weights": "bfloat16"},
+                         {"mode": "compiled", "weights": "NVFP4 (Triton GEMV)"}],
+                "profile": {"bfloat16 (compiled)": [1], "NVFP4 (Triton GEMV) (compiled)": [2]},
+                "prefill": [{"tokens": 2048}],
+                "errors": {"gemv: int4": "old failure", "prefill: FP8": "kept"}}
+    path = tmp_path / "08_engine_gpu.json"
+    path.write_text(json.dumps(previous))
+    record = {"rows": [], "profile": {}, "prefill": [], "errors": {}, "parts measured (UTC)": {"gemv": "now"}}
+    _keep_other_parts(record, path, {"gemv"}, "H200")
+    assert record["rows"] == previous["rows"][:1] and list(record["profile"]) == ["bfloat16 (compiled)"]
+    assert record["prefill"] == previous["prefill"] and record["errors"] == {"prefill: FP8": "kept"}
+    assert record["parts measured (UTC)"] == {"decode": "then", "gemv": "now"}
+    other = {"rows": [], "profile": {}, "prefill": [], "errors": {}, "parts measured (UTC)": {}}
+    _keep_other_parts(other, path, {"gemv"}, "H100")
+    assert other["rows"] == [] and other["prefill"] == []

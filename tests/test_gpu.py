@@ -275,3 +275,83 @@ def test_model_optimizer_export_calibrated_on_the_gpu_validates(tmp_path):
     modelopt_quantize(model, "NVFP4_DEFAULT_CFG", _batches(4))
     report = check_checkpoint(modelopt_export(model, tmp_path / "nvfp4"))
     assert report.ok, report.findings
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "int4", "nvfp4"])
+def test_gemv_kernels_equal_the_dequantized_reference(fmt):
+    """Tolerance: with a float32 input the kernel differs from the float64 product of its dequantized weight only by
+    float32 summation order (relative error < 1e-5); with a BF16 input and output, by BF16 rounding of the output
+    (each element within 2**-7 of its magnitude plus 1e-3 of the largest)."""
+    from labs_lib.gemv import dequantize, gemv, gemv_reference, pack_weight
+
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((6144, 4096), (4096, 14336), (1000, 4096), (96, 576)):
+        if fmt == "int4" and k % 128:
+            continue
+        pw = pack_weight((torch.randn(n, k, generator=g) * 0.02).cuda(), fmt)
+        x = torch.randn(1, k, generator=g).cuda()
+        exact = x.double() @ dequantize(pw).double().t()
+        y32 = gemv(x, pw).double()
+        assert ((y32 - exact).norm() / exact.norm()).item() < 1e-5, (n, k)
+        xb = x.bfloat16()
+        ref = gemv_reference(xb, pw).double()
+        yb = gemv(xb, pw).double()
+        assert ((yb - ref).abs() <= 2**-7 * ref.abs() + 1e-3 * ref.abs().max()).all(), (n, k)
+
+
+def test_triton_nvfp4_pack_is_bit_identical_to_labs_lib_and_model_optimizer():
+    from labs_lib.gemv import nvfp4_quantize_pack
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((4096, 14336), (14336, 4096), (1000, 4096)):
+        w = torch.randn(*shape, generator=g) * 0.02
+        w[0, :16] *= 1000  # outliers
+        w[1, :16] = 0  # a zero block
+        w[2, :16] = 1e-9
+        w = w.bfloat16().cuda()
+        ours, ref = nvfp4_quantize_pack(w), NVFP4().quantize(w)
+        assert torch.equal(ours["weight"], ref["weight"])
+        assert torch.equal(ours["weight_scale"].view(torch.uint8), ref["weight_scale"].view(torch.uint8))
+        assert torch.equal(ours["weight_scale_2"], ref["weight_scale_2"])
+        try:
+            from modelopt.torch.quantization.qtensor import NVFP4QTensor
+        except ImportError:
+            continue
+        packed, scale, _ = NVFP4QTensor.quantize(w.clone(), 16)
+        assert torch.equal(ours["weight"], packed._quantized_data)
+        assert torch.equal(ours["weight_scale"].view(torch.uint8), scale.view(torch.uint8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs FP8 tensor cores")
+def test_compiled_tensorwise_fp8_linear_trains_like_bf16():
+    from labs_lib.fp8 import convert_to_tensorwise_fp8
+    from labs_lib.training import mlp_stack
+
+    torch.manual_seed(0)
+    base = mlp_stack(256, 2)
+    fp8 = mlp_stack(256, 2)
+    fp8.load_state_dict(base.state_dict())
+    assert len(convert_to_tensorwise_fp8(fp8, skip=())) == 4
+    x = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    outputs = []
+    for model, plain in ((base, base), (torch.compile(fp8), fp8)):
+        y = model(x)
+        y.float().square().mean().backward()
+        outputs.append((y.detach().float(), plain[0].weight.grad.float()))
+    for a, b in zip(*outputs):
+        assert 1e-3 < ((b - a).norm() / a.norm()).item() < 0.1
+
+
+def test_decode_model_with_gemv_weights_runs_compiled_in_a_cuda_graph():
+    from labs_lib.decode_speed import DecodeModel, time_decode
+    from labs_lib.sizing import ModelShape
+
+    shape = ModelShape(hidden=512, layers=2, heads=8, kv_heads=2, intermediate=1024, vocab=1024)
+    model = DecodeModel(shape, max_len=64)
+    reference = time_decode(model, "compiled", tokens=4, context=8)
+    for fmt in ("int4", "nvfp4"):
+        model.to_gemv_weights(fmt)
+        row = time_decode(model, "compiled", tokens=4, context=8)
+        assert row["weights"].startswith(fmt.upper()) and row["GB read/token"] < 0.4 * reference["GB read/token"]
+    model.to_bf16_weights()
