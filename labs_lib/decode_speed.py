@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .blockquant import E4M3_MAX
+from .errors import LabsError
 from .gemv import PackedWeight, gemv_op, pack_weight
 from .roofline import LLAMA_3_1_8B
 from .sizing import ModelShape
@@ -25,6 +26,7 @@ WEIGHT_LABELS = {"bf16": "BF16 (Triton GEMV)", "fp8": "FP8 E4M3 (per-channel, Tr
                  "int4": "INT4 g128 (Triton GEMV)", "nvfp4": "NVFP4 (Triton GEMV)"}
 
 GPU_DECODE_FILE = "08_engine_gpu.json"
+PREFILL_TOKENS = 2048  # the prompt length of the prefill measurement: RoPE tables cover at least this many positions
 
 
 class DecodeModel:
@@ -47,7 +49,7 @@ class DecodeModel:
         self.k_cache = torch.zeros(s.layers, 1, s.kv_heads, max_len, d, device=device, dtype=dtype)
         self.v_cache = torch.zeros_like(self.k_cache)
         inv_freq = 1.0 / (rope_theta ** (torch.arange(0, d, 2, device=device).float() / d))
-        angles = torch.outer(torch.arange(max_len, device=device).float(), inv_freq)
+        angles = torch.outer(torch.arange(max(max_len, PREFILL_TOKENS), device=device).float(), inv_freq)
         self.cos, self.sin = angles.cos().to(dtype), angles.sin().to(dtype)
         self.positions = torch.arange(max_len, device=device)
         self.fp8 = False
@@ -249,9 +251,12 @@ def kernel_breakdown(run, steps: int = 10, top: int = 12) -> list[dict]:
              "share %": round(100 * e.self_device_time_total / total, 1)} for e in events[:top]]
 
 
-def time_prefill(model: DecodeModel, tokens: int = 2048, repeats: int = 5) -> dict:
+def time_prefill(model: DecodeModel, tokens: int = PREFILL_TOKENS, repeats: int = 5) -> dict:
     """One compiled forward over a `tokens`-token prompt (all layers; lm_head on the last token): tok/s and
     achieved TFLOP/s. BF16 weights use BF16 matmuls; FP8 weights torch._scaled_mm with per-tensor scales."""
+    if tokens > len(model.cos):
+        raise LabsError(f"a {tokens}-token prefill needs RoPE tables that long: build the DecodeModel with "
+                        f"max_len={tokens}.")
     torch.manual_seed(1)
     x0 = torch.randn(tokens, model.shape.hidden, device=model.device, dtype=model.dtype)
     layer_fn = torch.compile(model._prefill_layer, fullgraph=True)

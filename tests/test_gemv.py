@@ -70,6 +70,7 @@ def test_prefill_layer_equals_decode_steps():
         attn = F.scaled_dot_product_attention(q, model.k_cache[0], model.v_cache[0], attn_mask=mask, enable_gqa=True)
         steps.append(model._block_output(x[t : t + 1], attn, layer["o"], layer["gate_up"], layer["down"]))
     torch.testing.assert_close(model._prefill_layer(x, layer), torch.cat(steps), rtol=1e-4, atol=1e-5)
+    assert model._prefill_layer(torch.randn(24, 128), layer).shape == (24, 128)  # a prompt longer than the cache
     assert model.prefill_flops(8) == 2 * sum(w.numel() for w in layer.values()) * 8 + 4 * 4 * 32 * 8 * 9 / 2
 
 
