@@ -24,8 +24,8 @@ from .layerwise import SKIP, linear_layers
 from .models import cache_path, calibration_key
 from .quantizer import Quantizer, settings_key
 
-__all__ = ["BuildContext", "Built", "Cast", "FakeQuant", "Layerwise", "BitsAndBytes", "GGUF", "default_variants",
-           "group_size_for"]
+__all__ = ["BuildContext", "Built", "Cast", "FakeQuant", "SmoothQuantW8A8", "QuantizedKV", "QAT", "MixedPrecision",
+           "Layerwise", "BitsAndBytes", "GGUF", "default_variants", "group_size_for"]
 
 
 @dataclass
@@ -92,6 +92,112 @@ class FakeQuant:
         model = fake_quantized_copy(ctx.base, self.weights, self.activations, amax).to(torch.bfloat16)
         seconds = round(time.perf_counter() - start, 1)
         return Built(self.name, "transformers", model, *_size(model, self.weights), seconds)
+
+
+@dataclass
+class SmoothQuantW8A8:
+    """INT8 W8A8 (labs_lib.smoothquant.W8A8) after SmoothQuant's per-channel scales are folded into the model (Lab 10):
+    each input's static per-tensor amax is that of the smoothed activations."""
+
+    name: str
+    alpha: float = 1.0  # Model Optimizer's SmoothQuantCalibConfig default, and Lab 10's best in its quick run
+
+    def build(self, ctx: BuildContext) -> Built:
+        from .smoothquant import W8A8, channel_amax, smooth_model, smoothed_input_amax
+
+        start = time.perf_counter()
+        act_amax = channel_amax(ctx.base, ctx.batches)
+        smoothed = copy.deepcopy(ctx.base)
+        scales = smooth_model(smoothed, act_amax, self.alpha)
+        model = fake_quantized_copy(smoothed, *W8A8, input_amax=smoothed_input_amax(act_amax, scales))
+        del smoothed
+        model = model.to(torch.bfloat16)
+        return Built(self.name, "transformers", model, *_size(model, W8A8[0]), round(time.perf_counter() - start, 1))
+
+
+@dataclass
+class QuantizedKV:
+    """Weights fake-quantized as FakeQuant does, and a KV cache in `kv` (labs_lib.kv_cache, Lab 10): K and V of every
+    layer rounded with a per-layer amax calibrated on the base model over the calibration batches joined into rows of
+    `calib_len` tokens, so that every position an evaluation window of that length reaches is calibrated."""
+
+    name: str
+    weights: Scheme
+    kv: str = "fp8"
+    calib_len: int = 1024
+
+    def build(self, ctx: BuildContext) -> Built:
+        from .kv_cache import KV_FORMATS, KVQuant, attach_kv_quant, calibrate_kv_amax
+
+        start = time.perf_counter()
+        tokens = ctx.batches.flatten()
+        rows = len(tokens) // self.calib_len
+        if rows == 0:
+            raise LabsError(f"{len(tokens)} calibration tokens make no row of {self.calib_len}: use more calibration "
+                            "samples, or a shorter window.")
+        amax = calibrate_kv_amax(ctx.base, tokens[: rows * self.calib_len].reshape(rows, self.calib_len))
+        model = fake_quantized_copy(ctx.base, self.weights).to(torch.bfloat16)
+        attach_kv_quant(model, KVQuant(KV_FORMATS[self.kv], amax))
+        seconds = round(time.perf_counter() - start, 1)
+        return Built(self.name, "transformers", model, *_size(model, self.weights), seconds)
+
+
+@dataclass
+class QAT:
+    """Quantization-aware distillation (labs_lib.qat, Lab 11): a float32 copy whose Linears compute with `scheme`'s
+    round trip, trained `steps` AdamW steps towards the base model's logits on the calibration batches (cycled), then
+    rounded to `scheme` as FakeQuant does."""
+
+    name: str
+    scheme: Scheme
+    steps: int
+    batch_size: int = 2
+    lr: float = 1e-4  # Lab 11's QAT_LR
+
+    def build(self, ctx: BuildContext) -> Built:
+        from .qat import distill, prepare_qat, remove_qat
+
+        start = time.perf_counter()
+        student = copy.deepcopy(ctx.base).float()  # FP32 master weights, as Lab 11 trains them
+        prepare_qat(student, self.scheme)
+        distill(student, ctx.base, ctx.batches, self.steps, lr=self.lr, batch_size=self.batch_size, desc=self.name)
+        remove_qat(student)
+        model = fake_quantized_copy(student, self.scheme).to(torch.bfloat16)
+        del student
+        seconds = round(time.perf_counter() - start, 1)
+        return Built(self.name, "transformers", model, *_size(model, self.scheme), seconds)
+
+
+@dataclass
+class MixedPrecision:
+    """Lab 11's mixed-precision pick (labs_lib.sensitivity): each decoder block quantized alone to `low` and scored on
+    the first `sensitivity_rows` calibration batches; the most sensitive blocks stay in `high` while the effective bits
+    stay within `budget_bits`; every other block in `low`."""
+
+    name: str
+    low: Scheme
+    high: Scheme
+    budget_bits: float = 5.0  # Lab 11's BUDGET_BITS
+    sensitivity_rows: int = 4
+    kept: list[str] = field(default_factory=list, init=False)  # the blocks the last build kept in `high`
+
+    def build(self, ctx: BuildContext) -> Built:
+        from .sensitivity import block_linears, block_sensitivity, mixed_precision_copy, pick_under_budget
+
+        start = time.perf_counter()
+        blocks = block_linears(ctx.base)
+        scored = ctx.batches[: self.sensitivity_rows]
+        _, rows = block_sensitivity(ctx.base, self.low, scored.flatten(), scored.shape[1], blocks)
+        self.kept = pick_under_budget(rows, self.budget_bits, self.low, self.high)
+        model = mixed_precision_copy(ctx.base, blocks, self.low, self.high, self.kept).to(torch.bfloat16)
+        report = storage_report(model, self.low)  # every Linear in `low`; then the kept ones at `high` instead
+        linears = linear_layers(model)
+        shapes = [tuple(linears[n].weight.shape) for b in self.kept for n in blocks[b]]
+        extra = sum(self.high.storage_bytes(s) - self.low.storage_bytes(s) for s in shapes)
+        n = sum(layer.weight.numel() for layer in linears.values())
+        bits = round((report["quantized_bytes"] + extra) * 8 / n, 3)
+        return Built(self.name, "transformers", model, bits, round((report["total_bytes"] + extra) / 1e6, 1),
+                     round(time.perf_counter() - start, 1))
 
 
 @dataclass
@@ -212,8 +318,10 @@ def group_size_for(model, preferred: int = 128) -> int:
     raise LabsError(f"No group size of 128, 64 or 32 divides the input widths {sorted(widths)}.")
 
 
-def default_variants(model) -> list:
-    """Lab 07's variants, in the order of its table."""
+def default_variants(model, window: int = 1024, qat_steps: int = 8, qat_batch: int = 2,
+                     sensitivity_rows: int = 4) -> list:
+    """Lab 07's variants, in the order of its table. `window`: the evaluation window the KV amax is calibrated
+    for; `qat_steps` x `qat_batch`: the QAT variant's training; `sensitivity_rows`: rows the mixed pick scores on."""
     from .awq import AWQ
     from .gptq import GPTQ
 
@@ -226,6 +334,11 @@ def default_variants(model) -> list:
         FakeQuant("NVFP4 W4A16", NVFP4()),
         FakeQuant("NVFP4 W4A4", NVFP4(), NVFP4()),
         FakeQuant("MXFP4 W4A16", MXFP4()),
+        SmoothQuantW8A8("INT8 W8A8 SmoothQuant"),
+        QuantizedKV("NVFP4 W4A16 + FP8 KV cache", NVFP4(), "fp8", calib_len=window),
+        QAT("NVFP4 W4A16 QAT", NVFP4(), steps=qat_steps, batch_size=qat_batch),
+        MixedPrecision("NVFP4 + FP8 mixed (5 bits)", NVFP4(), PerTensor("fp8_e4m3"), budget_bits=5.0,
+                       sensitivity_rows=sensitivity_rows),
         Layerwise(f"GPTQ INT4 g{group.group_size}", GPTQ(group)),
         Layerwise(f"AWQ INT4 g{group.group_size}", AWQ(group)),
         GGUF("GGUF Q8_0", "Q8_0"),
