@@ -7,6 +7,7 @@ is cached on disk by (model, method, settings, calibration), so a second run, or
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from .blockquant import MXFP4, NVFP4, IntGroup, PerTensor, Scheme
 from .errors import LabsError
 from .evaluate import storage_report
 from .fake_quant import calibrate_input_amax, fake_quantized_copy
-from .files import atomic_folder
+from .files import atomic_folder, atomic_path
 from .layerwise import SKIP, linear_layers
 from .models import cache_path, calibration_key
 from .quantizer import Quantizer, settings_key
@@ -94,6 +95,31 @@ class FakeQuant:
         return Built(self.name, "transformers", model, *_size(model, self.weights), seconds)
 
 
+def _save_codes(folder: Path, codes: dict[str, dict[str, torch.Tensor]], changed: dict[str, torch.Tensor]) -> None:
+    """Cache what a scheme's `quantize` gave for each Linear, and the other parameters a method changed."""
+    from safetensors.torch import save_file
+
+    flat = {f"{n}.{part}": t.contiguous() for n, q in codes.items() for part, t in q.items()}
+    with atomic_folder(folder) as tmp:
+        save_file(flat, tmp / "codes.safetensors")
+        save_file(changed, tmp / "changed.safetensors")
+
+
+@torch.no_grad()
+def _load_codes(folder: Path, model, scheme: Scheme, skip: tuple[str, ...]) -> None:
+    """Put a `_save_codes` cache into `model` in place: changed parameters, then each Linear's dequantized weight."""
+    from safetensors.torch import load_file
+
+    stored: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(folder / "codes.safetensors").items():
+        name, _, part = key.rpartition(".")
+        stored.setdefault(name, {})[part] = tensor
+    for name, tensor in load_file(folder / "changed.safetensors").items():
+        model.get_parameter(name).copy_(tensor)
+    for name, linear in linear_layers(model, skip).items():
+        linear.weight.copy_(scheme.dequantize(stored[name]).reshape(linear.weight.shape))
+
+
 @dataclass
 class SmoothQuantW8A8:
     """INT8 W8A8 (labs_lib.smoothquant.W8A8) after SmoothQuant's per-channel scales are folded into the model (Lab 10):
@@ -146,7 +172,8 @@ class QuantizedKV:
 class QAT:
     """Quantization-aware distillation (labs_lib.qat, Lab 11): a float32 copy whose Linears compute with `scheme`'s
     round trip, trained `steps` AdamW steps towards the base model's logits on the calibration batches (cycled), then
-    rounded to `scheme` as FakeQuant does."""
+    rounded to `scheme` as FakeQuant does. The cache holds the trained weights' codes (as Layerwise's does), keyed by
+    model, every field, the base model's dtype and device type, and the calibration batches."""
 
     name: str
     scheme: Scheme
@@ -154,25 +181,43 @@ class QAT:
     batch_size: int = 2
     lr: float = 1e-4  # Lab 11's QAT_LR
 
+    def _folder(self, ctx: BuildContext) -> Path:
+        base = next(ctx.base.parameters())
+        return cache_path("variants", ctx.model_name, "qat", settings_key(self),
+                          f"{str(base.dtype).removeprefix('torch.')}-{base.device.type}", calibration_key(ctx.batches),
+                          root=ctx.cache)
+
     def build(self, ctx: BuildContext) -> Built:
         from .qat import distill, prepare_qat, remove_qat
 
         start = time.perf_counter()
-        student = copy.deepcopy(ctx.base).float()  # FP32 master weights, as Lab 11 trains them
-        prepare_qat(student, self.scheme)
-        distill(student, ctx.base, ctx.batches, self.steps, lr=self.lr, batch_size=self.batch_size, desc=self.name)
-        remove_qat(student)
-        model = fake_quantized_copy(student, self.scheme).to(torch.bfloat16)
-        del student
+        folder = self._folder(ctx)
+        cached = (folder / "codes.safetensors").is_file()
+        if cached:
+            model = copy.deepcopy(ctx.base)
+            _load_codes(folder, model, self.scheme, SKIP)
+        else:
+            model = copy.deepcopy(ctx.base).float()  # FP32 master weights, as Lab 11 trains them
+            prepare_qat(model, self.scheme)
+            distill(model, ctx.base, ctx.batches, self.steps, lr=self.lr, batch_size=self.batch_size, desc=self.name)
+            remove_qat(model)
+            codes = {}
+            with torch.no_grad():
+                for name, linear in linear_layers(model).items():
+                    codes[name] = self.scheme.quantize(linear.weight)
+                    linear.weight.copy_(self.scheme.dequantize(codes[name]).reshape(linear.weight.shape))
+            _save_codes(folder, codes, {})
+        model = model.to(torch.bfloat16)
         seconds = round(time.perf_counter() - start, 1)
-        return Built(self.name, "transformers", model, *_size(model, self.scheme), seconds)
+        return Built(self.name, "transformers", model, *_size(model, self.scheme), seconds, cached)
 
 
 @dataclass
 class MixedPrecision:
     """Lab 11's mixed-precision pick (labs_lib.sensitivity): each decoder block quantized alone to `low` and scored on
     the first `sensitivity_rows` calibration batches; the most sensitive blocks stay in `high` while the effective bits
-    stay within `budget_bits`; every other block in `low`."""
+    stay within `budget_bits`; every other block in `low`. The per-block perplexities are cached (JSON) by model,
+    `low`, the base model's dtype and device type, and the scored rows."""
 
     name: str
     low: Scheme
@@ -187,7 +232,17 @@ class MixedPrecision:
         start = time.perf_counter()
         blocks = block_linears(ctx.base)
         scored = ctx.batches[: self.sensitivity_rows]
-        _, rows = block_sensitivity(ctx.base, self.low, scored.flatten(), scored.shape[1], blocks)
+        base = next(ctx.base.parameters())
+        path = cache_path("variants", ctx.model_name, "sensitivity", self.low.name,
+                          f"{str(base.dtype).removeprefix('torch.')}-{base.device.type}", calibration_key(scored),
+                          root=ctx.cache) / "rows.json"
+        cached = path.is_file()
+        if cached:  # the per-block perplexities (seconds of forward passes each); the pick itself is instant
+            rows = json.loads(path.read_text())
+        else:
+            _, rows = block_sensitivity(ctx.base, self.low, scored.flatten(), scored.shape[1], blocks)
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(rows))
         self.kept = pick_under_budget(rows, self.budget_bits, self.low, self.high)
         model = mixed_precision_copy(ctx.base, blocks, self.low, self.high, self.kept).to(torch.bfloat16)
         report = storage_report(model, self.low)  # every Linear in `low`; then the kept ones at `high` instead
@@ -197,7 +252,7 @@ class MixedPrecision:
         n = sum(layer.weight.numel() for layer in linears.values())
         bits = round((report["quantized_bytes"] + extra) * 8 / n, 3)
         return Built(self.name, "transformers", model, bits, round((report["total_bytes"] + extra) / 1e6, 1),
-                     round(time.perf_counter() - start, 1))
+                     round(time.perf_counter() - start, 1), cached)
 
 
 @dataclass
@@ -217,31 +272,18 @@ class Layerwise:
                           calibration_key(ctx.batches), root=ctx.cache)
 
     def build(self, ctx: BuildContext) -> Built:
-        from safetensors.torch import load_file, save_file
-
         start = time.perf_counter()
         folder, model, skip = self._folder(ctx), copy.deepcopy(ctx.base), self.method.skip
         cached = (folder / "codes.safetensors").is_file()
         if cached:
-            stored: dict[str, dict[str, torch.Tensor]] = {}
-            for key, tensor in load_file(folder / "codes.safetensors").items():
-                name, _, part = key.rpartition(".")
-                stored.setdefault(name, {})[part] = tensor
-            with torch.no_grad():
-                for name, tensor in load_file(folder / "changed.safetensors").items():
-                    model.get_parameter(name).copy_(tensor)
-                for name, linear in linear_layers(model, skip).items():
-                    linear.weight.copy_(self.method.scheme.dequantize(stored[name]).reshape(linear.weight.shape))
+            _load_codes(folder, model, self.method.scheme, skip)
         else:
             codes = self.method.quantize_model(model, ctx.batches)
             base = dict(ctx.base.named_parameters())
             linears = {f"{n}.weight" for n in linear_layers(model, skip)}
             changed = {n: p.detach().contiguous() for n, p in model.named_parameters()
                        if n not in linears and not torch.equal(p, base[n])}
-            flat = {f"{n}.{part}": t.contiguous() for n, q in codes.items() for part, t in q.items()}
-            with atomic_folder(folder) as tmp:
-                save_file(flat, tmp / "codes.safetensors")
-                save_file(changed, tmp / "changed.safetensors")
+            _save_codes(folder, codes, changed)
         model = model.to(torch.bfloat16)
         seconds = round(time.perf_counter() - start, 1)
         return Built(self.name, "transformers", model, *_size(model, self.method.scheme, skip), seconds, cached)
