@@ -13,7 +13,7 @@ from .blockquant import Scheme
 from .layerwise import SKIP, linear_layers
 from .quantizer import Quantizer
 
-__all__ = ["perplexity", "quantization_error", "storage_report", "measure_method"]
+__all__ = ["token_nll", "perplexity", "paired_change", "quantization_error", "storage_report", "measure_method"]
 
 
 def quantization_error(reference: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
@@ -24,6 +24,24 @@ def quantization_error(reference: torch.Tensor, approx: torch.Tensor) -> dict[st
 
 
 @torch.inference_mode()
+def token_nll(model, tokens: torch.Tensor, window: int = 1024, batch_size: int = 4, desc: str = "perplexity",
+              score_from: int = 1) -> torch.Tensor:
+    """Negative log-likelihood of every scored token (float64, on the CPU), windows cut as `perplexity` cuts them."""
+    n = len(tokens) // window
+    if n == 0:
+        raise ValueError(f"need at least {window} tokens, got {len(tokens)}")
+    windows = tokens[: n * window].reshape(n, window)
+    device = next(model.parameters()).device
+    nll = []
+    for i in tqdm(range(0, n, batch_size), desc=desc, leave=False):
+        batch = windows[i : i + batch_size].to(device)
+        logits = model(batch).logits[:, score_from - 1 : -1].float()
+        targets = batch[:, score_from:].reshape(-1)
+        nll.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="none")
+                   .double().cpu())
+    return torch.cat(nll)
+
+
 def perplexity(model, tokens: torch.Tensor, window: int = 1024, batch_size: int = 4, desc: str = "perplexity",
                score_from: int = 1) -> float:
     """exp(mean negative log-likelihood) over non-overlapping windows of `window` tokens.
@@ -33,20 +51,17 @@ def perplexity(model, tokens: torch.Tensor, window: int = 1024, batch_size: int 
     `score_from` > 1 scores only positions from there on (llama-perplexity scores the second half of each window,
     `score_from = window // 2 + 1`).
     """
-    n = len(tokens) // window
-    if n == 0:
-        raise ValueError(f"need at least {window} tokens, got {len(tokens)}")
-    windows = tokens[: n * window].reshape(n, window)
-    device = next(model.parameters()).device
-    total_nll, count = 0.0, 0
-    for i in tqdm(range(0, n, batch_size), desc=desc, leave=False):
-        batch = windows[i : i + batch_size].to(device)
-        logits = model(batch).logits[:, score_from - 1 : -1].float()
-        targets = batch[:, score_from:].reshape(-1)
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum")
-        total_nll += nll.item()
-        count += targets.numel()
-    return math.exp(total_nll / count)
+    return math.exp(token_nll(model, tokens, window, batch_size, desc, score_from).mean().item())
+
+
+def paired_change(nll: torch.Tensor, reference: torch.Tensor, block: int = 128) -> tuple[float, float]:
+    """Perplexity from `nll` vs from `reference` (token NLLs of the same tokens) in %, and two standard errors of that
+    change from the means of the paired NLL differences over consecutive blocks of `block` tokens."""
+    d = nll - reference
+    blocks = d[: len(d) // block * block].reshape(-1, block).mean(dim=1)
+    if len(blocks) < 2:
+        raise ValueError(f"need at least {2 * block} scored tokens for an error bar, got {len(d)}")
+    return 100 * math.expm1(d.mean().item()), 100 * 2 * blocks.std().item() / math.sqrt(len(blocks))
 
 
 def storage_report(model, scheme: Scheme | None = None, skip: tuple[str, ...] = SKIP, other_bits: int = 16) -> dict:

@@ -19,8 +19,8 @@ from .blockquant import NVFP4, PerTensor, Scheme
 from .errors import LabsError
 from .sizing import ModelShape
 
-__all__ = ["KV_FORMATS", "kv_bytes_per_token", "kv_cache_rows", "KVQuant", "quantized_kv_cache", "calibrate_kv_amax",
-           "ATTENTION_NAME"]
+__all__ = ["KV_FORMATS", "kv_bytes_per_token", "kv_cache_rows", "KVQuant", "attach_kv_quant", "detach_kv_quant",
+           "quantized_kv_cache", "calibrate_kv_amax", "ATTENTION_NAME"]
 
 # KV-cache format -> the scheme whose bits it stores per value (None: 16-bit, BF16 or FP16); names as
 # labs_lib.ptq_formats.KV_CACHE (labs-quantize --kv_cache) and Model Optimizer's FP8_KV_CFG / NVFP4_KV_CFG
@@ -102,20 +102,32 @@ def _attention_modules(model) -> list[torch.nn.Module]:
     return modules
 
 
+def attach_kv_quant(model, kv: KVQuant) -> str:
+    """From now on every attention layer of `model` passes K and V through `kv` before attention (SDPA); returns the
+    attention implementation it replaced (for `detach_kv_quant`)."""
+    _register()
+    previous = model.config._attn_implementation
+    for m in _attention_modules(model):
+        m.kv_quant = kv
+    model.set_attn_implementation(ATTENTION_NAME)
+    return previous
+
+
+def detach_kv_quant(model, previous: str) -> None:
+    """Undo `attach_kv_quant`: the attention implementation `previous` again, K and V as computed."""
+    model.set_attn_implementation(previous)
+    for m in _attention_modules(model):
+        del m.kv_quant
+
+
 @contextlib.contextmanager
 def quantized_kv_cache(model, kv: KVQuant):
     """Inside the block, every attention layer of `model` passes K and V through `kv` before attention (SDPA)."""
-    _register()
-    modules, previous = _attention_modules(model), model.config._attn_implementation
-    for m in modules:
-        m.kv_quant = kv
-    model.set_attn_implementation(ATTENTION_NAME)
+    previous = attach_kv_quant(model, kv)
     try:
         yield model
     finally:
-        model.set_attn_implementation(previous)
-        for m in modules:
-            del m.kv_quant
+        detach_kv_quant(model, previous)
 
 
 @torch.inference_mode()

@@ -7,7 +7,7 @@ import torch
 
 from labs_lib.blockquant import NVFP4, IntGroup, PerTensor
 from labs_lib.data import evaluation_tokens
-from labs_lib.evaluate import measure_method, perplexity, quantization_error, storage_report
+from labs_lib.evaluate import measure_method, paired_change, perplexity, quantization_error, storage_report
 from labs_lib.fake_quant import calibrate_input_amax, fake_quantized_copy
 from labs_lib.layerwise import linear_layers
 from labs_lib.report import markdown_table
@@ -82,3 +82,16 @@ def test_quantization_error_and_table():
     x = torch.ones(100)
     assert quantization_error(x, x * 1.1)["snr_db"] == pytest.approx(20.0)
     assert markdown_table([{"a": 1, "b": 0.123456}]).splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.1235 |"]
+
+
+def test_paired_change_is_the_perplexity_ratio_with_a_block_standard_error():
+    reference = torch.rand(1024, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 4
+    shift = torch.tensor([0.0, 0.02]).repeat(512).double()  # alternating, so every block of 128 has mean 0.01
+    change, two_se = paired_change(reference + shift, reference, block=128)
+    assert change == pytest.approx(100 * (math.exp((reference + shift).mean()) / math.exp(reference.mean()) - 1))
+    assert two_se == pytest.approx(0, abs=1e-9)  # 8 blocks, all with the same mean difference
+    blocks = torch.tensor([0.0, 0.02]).repeat_interleave(128).repeat(4).double()  # block means 0, 0.02, 0, ...
+    _, two_se = paired_change(reference[:1024] + blocks, reference[:1024], block=128)
+    assert two_se == pytest.approx(100 * 2 * torch.tensor([0.0, 0.02] * 4).std().item() / math.sqrt(8))
+    with pytest.raises(ValueError, match="error bar"):
+        paired_change(reference[:200], reference[:200], block=128)

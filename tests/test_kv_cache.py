@@ -102,3 +102,25 @@ def test_uncalibrated_layer_is_a_labs_error():
     model = _tiny_llama()
     with quantized_kv_cache(model, KVQuant(KV_FORMATS["fp8"], {})), pytest.raises(LabsError, match="calibrate"):
         model(torch.zeros(1, 4, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_lab07_kv_variant_quantizes_the_cache_with_amax_from_window_long_rows():
+    from labs_lib.blockquant import NVFP4
+    from labs_lib.fake_quant import fake_quantized_copy
+    from labs_lib.kv_cache import ATTENTION_NAME
+    from labs_lib.variants import BuildContext, QuantizedKV
+
+    model = _tiny_llama()
+    batches = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    built = QuantizedKV("kv", NVFP4(), "fp8", calib_len=32).build(BuildContext("tiny", model, None, batches))
+    assert built.model.config._attn_implementation == ATTENTION_NAME
+    rows = batches.reshape(2, 32)  # positions 0-31 calibrated, as a 32-token evaluation window reaches them
+    amax = built.model.model.layers[0].self_attn.kv_quant.amax
+    assert all(torch.equal(amax[i][j], ref[j]) for i, ref in calibrate_kv_amax(model, rows).items() for j in (0, 1))
+    weights_only = fake_quantized_copy(model, NVFP4()).to(torch.bfloat16)
+    ids = rows[:1]
+    with quantized_kv_cache(weights_only, KVQuant(KV_FORMATS["fp8"], amax)):
+        expected = weights_only(ids).logits
+    assert torch.equal(built.model(ids).logits, expected)
+    assert not torch.equal(weights_only(ids).logits, expected)  # the FP8 cache changes what the weights alone give

@@ -92,3 +92,58 @@ def test_budget_pick_respects_the_budget_and_takes_the_most_sensitive_blocks_fir
                        tiny.get_submodule(blocks["model.layers.0"][0]).weight)
     assert torch.equal(mixed.get_submodule(blocks["model.layers.2"][0]).weight,
                        low.fake_quantize(tiny.get_submodule(blocks["model.layers.2"][0]).weight))
+
+
+def test_lab07_registry_has_the_new_variants_with_unique_names(tiny):
+    from labs_lib.variants import MixedPrecision, QAT, QuantizedKV, SmoothQuantW8A8, default_variants
+
+    variants = default_variants(tiny, window=512, qat_steps=3, qat_batch=1, sensitivity_rows=2)
+    names = [v.name for v in variants]
+    assert len(set(names)) == len(names)
+    kinds = {type(v): v for v in variants}
+    assert {SmoothQuantW8A8, QuantizedKV, QAT, MixedPrecision} <= set(kinds)
+    assert kinds[QuantizedKV].calib_len == 512 and kinds[QAT].steps == 3 and kinds[QAT].batch_size == 1
+    assert kinds[MixedPrecision].budget_bits == 5.0 and kinds[MixedPrecision].sensitivity_rows == 2
+
+
+def test_lab07_qat_variant_starts_from_ptq_training_moves_it_and_the_cache_gives_it_back(tiny, tmp_path):
+    from labs_lib.variants import QAT, BuildContext, FakeQuant
+
+    batches = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(4))
+    ctx = BuildContext("tiny", tiny, None, batches, tmp_path)
+    ptq = dict(FakeQuant("ptq", NVFP4()).build(ctx).model.named_parameters())
+    untrained = dict(QAT("qat0", NVFP4(), steps=0).build(ctx).model.named_parameters())
+    variant = QAT("qat", NVFP4(), steps=2, batch_size=2, lr=1e-2)
+    first = variant.build(ctx)
+    trained = dict(first.model.named_parameters())
+    assert all(torch.equal(untrained[n], p) for n, p in ptq.items())
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(trained[q], ptq[q])
+    assert torch.equal(trained["model.norm.weight"], ptq["model.norm.weight"])  # only Linears train
+    again = variant.build(ctx)
+    assert not first.cached and again.cached
+    assert all(torch.equal(p, trained[n]) for n, p in again.model.named_parameters())
+    assert not QAT("qat", NVFP4(), steps=3, batch_size=2, lr=1e-2).build(ctx).cached  # another setting, another key
+
+
+def test_lab07_mixed_variant_keeps_the_most_sensitive_block_in_fp8_within_the_budget(tiny, tmp_path):
+    from labs_lib.sensitivity import block_sensitivity
+    from labs_lib.variants import BuildContext, MixedPrecision
+
+    batches = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(5))
+    low, high = NVFP4(), PerTensor("fp8_e4m3")
+    variant = MixedPrecision("mixed", low, high, budget_bits=6.0, sensitivity_rows=2)  # room for one of 3 blocks
+    ctx = BuildContext("tiny", tiny, None, batches, tmp_path)
+    built = variant.build(ctx)
+    _, rows = block_sensitivity(tiny, low, batches[:2].flatten(), 16)
+    assert variant.kept == [max(rows, key=lambda r: r["change (%)"])["block"]]
+    blocks = block_linears(tiny)
+    for block, names in blocks.items():
+        scheme = high if block in variant.kept else low
+        for n in names:
+            w = built.model.get_submodule(n).weight
+            assert torch.equal(w, scheme.fake_quantize(tiny.get_submodule(n).weight).to(w.dtype))
+    assert low.bits_per_weight() < built.bits_per_weight < 6.0
+    again = variant.build(ctx)  # per-block perplexities from the cache: the same pick, the same weights
+    assert again.cached and not built.cached and variant.kept == [max(rows, key=lambda r: r["change (%)"])["block"]]
+    assert all(torch.equal(p, dict(built.model.named_parameters())[n]) for n, p in again.model.named_parameters())

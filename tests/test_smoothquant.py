@@ -1,6 +1,8 @@
 """SmoothQuant: the scales' formula, the float model unchanged by smoothing, the scales Model Optimizer computes;
 static activation amax by max, percentile and MSE."""
 
+import copy
+
 import pytest
 import torch
 
@@ -108,3 +110,24 @@ def test_percentile_clips_a_lone_outlier_and_mse_clips_a_heavy_tail():
     assert input_amax(_samples(x), "percentile")["a"] < 10
     heavy = torch.randn(512, 64, generator=torch.Generator().manual_seed(2)) ** 3
     assert input_amax(_samples(heavy), "mse", PerTensor("int8"))["a"] < heavy.abs().max()
+
+
+@torch.no_grad()
+def test_lab07_smoothquant_variant_is_w8a8_of_the_smoothed_model():
+    from labs_lib.smoothquant import W8A8
+    from labs_lib.variants import BuildContext, SmoothQuantW8A8
+
+    model = _tiny_llama()
+    built = SmoothQuantW8A8("sq", alpha=1.0).build(BuildContext("tiny", model, None, _batches()))
+    smoothed = copy.deepcopy(model)
+    smooth_model(smoothed, channel_amax(model, _batches()), 1.0)
+    q = built.model.model.layers[0].self_attn.q_proj
+    expected = W8A8[0].fake_quantize(smoothed.model.layers[0].self_attn.q_proj.weight).to(q.weight.dtype)
+    assert torch.equal(q.weight, expected)  # the smoothed weight on the INT8 grid (then in BF16, as Lab 07 runs)
+    assert len(q._forward_pre_hooks) == 1  # static INT8 input rounding
+    # alpha 1: s = the channel max, so the folded norm's outlier channels (20 and 30, section 4) come down to ~1
+    norm = built.model.model.layers[0].input_layernorm.weight.float()
+    assert norm[:3].abs().max() < 2 < model.model.layers[0].input_layernorm.weight[:3].abs().min()
+    ids = _batches()[:1]
+    base, out = model(ids).logits, built.model(ids).logits.float()
+    assert ((out - base).norm() / base.norm()) < 0.05
