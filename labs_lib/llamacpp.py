@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .errors import LabsError
 from .files import atomic_path
 
-__all__ = ["QUANT_TYPES", "TOOLS", "require_llama_cpp", "llama_tool", "run_llama_tool", "make_imatrix",
+__all__ = ["QUANT_TYPES", "TOOLS", "require_llama_cpp", "llama_tool", "tool_env", "run_llama_tool", "make_imatrix",
            "quantize_with_tool", "tool_perplexity", "tool_windows", "llama_bench", "gguf_file",
            "convert_with_llama_cpp", "quantize_gguf", "gguf_for", "load_gguf", "gguf_perplexity", "gguf_speed",
            "gguf_generate", "measure_gguf"]
@@ -69,12 +69,18 @@ def llama_tool(name: str) -> Path:
                     f"{', '.join(TOOLS)}), or set LLAMA_CPP_BIN to a folder that holds it.")
 
 
+def tool_env() -> dict[str, str]:
+    """The environment for llama.cpp's C++ tools: llama.cpp's own threading defaults, so without the
+    OMP_WAIT_POLICY=PASSIVE that the in-process binding sets (require_llama_cpp). Passed on, it put both threads of
+    llama-server and llama-bench to sleep at every operation of a decode step: 2x slower at batch 1 (Lab 08)."""
+    return {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+
+
 def run_llama_tool(name: str, args: list, timeout_s: float = 1800) -> subprocess.CompletedProcess:
     """Run one llama.cpp tool to completion (its output captured as text); when it fails, the last lines of its log
     are the LabsError."""
     command = [str(llama_tool(name)), *map(str, args)]
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    done = subprocess.run(command, capture_output=True, text=True, errors="replace", env=env, timeout=timeout_s)
+    done = subprocess.run(command, capture_output=True, text=True, errors="replace", env=tool_env(), timeout=timeout_s)
     log = done.stdout + done.stderr
     if done.returncode != 0:
         tail = "\n".join(log.strip().splitlines()[-4:])
@@ -118,7 +124,16 @@ def tool_windows(model: Path, text: Path, ctx: int) -> torch.Tensor:
     """The token windows `llama-perplexity` scores for `text`, made the same way (llama.cpp's tokenizer through the
     binding, windows of `ctx` whole tokens, BOS in front where the vocabulary adds one), to score them elsewhere."""
     llama_cpp = require_llama_cpp()
-    llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    failed = None
+    with _captured_stderr() as log:  # a vocabulary-only load warns that its context exceeds n_ctx_train (0)
+        try:
+            llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+        except ValueError as exc:
+            failed = exc
+    if failed:
+        tail = "\n".join(log[0].splitlines()[-4:])
+        raise LabsError(f"llama.cpp could not read the vocabulary of {model} ({failed})"
+                        + (f":\n{tail}" if tail else "."))
     try:
         tokens = llm.tokenize(Path(text).read_bytes(), add_bos=True, special=False)
         bos = llm.token_bos() if tokens and tokens[0] == llm.token_bos() else None

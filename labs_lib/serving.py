@@ -172,7 +172,8 @@ def llama_cpp_server(gguf: Path, port: int | None = None, n_ctx: int = 2048, n_t
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
                "--interrupt_requests", "False"]  # queue concurrent requests (its default cancels the running one)
-    with _serving(command, port, "/v1/models", "llama-cpp-python's server", startup_timeout_s) as base_url:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    with _serving(command, port, "/v1/models", "llama-cpp-python's server", startup_timeout_s, env) as base_url:
         yield base_url
 
 
@@ -180,26 +181,25 @@ def llama_cpp_server(gguf: Path, port: int | None = None, n_ctx: int = 2048, n_t
 def llama_server(gguf: Path, parallel: int = 4, ctx_per_slot: int = 512, port: int | None = None,
                  n_threads: int | None = None, startup_timeout_s: float = 120.0):
     """llama.cpp's own `llama-server` on the loopback address with `parallel` slots (-np): requests in flight share
-    each decode step (continuous batching). Stopped on exit; yields the base URL. One core is left to the client,
-    as for `llama_cpp_server`."""
+    each decode step (continuous batching). Stopped on exit; yields the base URL. It runs as its users run it: one
+    thread per core and llama.cpp's own threading defaults (`llamacpp.tool_env`)."""
     from .gguf_io import read_gguf
-    from .llamacpp import llama_tool
+    from .llamacpp import llama_tool, tool_env
 
     read_gguf(gguf)
     port = port or free_port()
-    threads = n_threads or max(1, (os.cpu_count() or 2) - 1)
+    threads = n_threads or os.cpu_count() or 1
     command = [str(llama_tool("llama-server")), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                "-np", str(parallel), "-c", str(parallel * ctx_per_slot), "-t", str(threads), "--no-webui"]
-    with _serving(command, port, "/health", "llama-server", startup_timeout_s) as base_url:
+    with _serving(command, port, "/health", "llama-server", startup_timeout_s, tool_env()) as base_url:
         yield base_url
 
 
 @contextlib.contextmanager
-def _serving(command: list[str], port: int, ready_path: str, name: str, startup_timeout_s: float):
-    """Start `command`, wait until GET `ready_path` answers 200, yield the base URL; always stop it on exit."""
+def _serving(command: list[str], port: int, ready_path: str, name: str, startup_timeout_s: float, env: dict):
+    """Start `command` in `env`, wait until GET `ready_path` answers 200, yield the base URL; always stop it on exit."""
     base_url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + startup_timeout_s

@@ -90,6 +90,21 @@ def test_a_real_k_quant_block_decodes_by_hand_to_gguf_dequantize(imatrix_files, 
 
 
 @needs_tools
+def test_tool_windows_prints_nothing_and_names_a_file_it_cannot_read(f16, corpus, tmp_path, capfd):
+    from labs_lib.llamacpp import tool_windows
+
+    text = tmp_path / "evaluation.txt"
+    text.write_text(corpus.calibration[:5000])
+    windows = tool_windows(f16, text, 128)
+    assert windows.shape[1] == 128 and len(windows) > 1
+    assert capfd.readouterr().err == ""  # llama.cpp's load log is captured, not printed
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(LabsError, match="broken.gguf"):
+        tool_windows(broken, text, 128)
+
+
+@needs_tools
 def test_llama_server_serves_four_requests_at_once_and_agrees_with_its_timings(imatrix_files, corpus):
     import httpx
 
