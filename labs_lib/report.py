@@ -43,8 +43,10 @@ def load_run(folder: Path) -> dict:
 
 
 def _perplexities(record: dict) -> dict[str, float]:
-    """Every perplexity a lab reports, by its structured key: headline entries named 'perplexity ...'."""
-    return {k: v for k, v in record["headline"].items() if "perplexity" in k and isinstance(v, (int, float))}
+    """Every perplexity a lab reports, by its structured key: headline entries named 'perplexity ...' (not the
+    percentages computed from them)."""
+    return {k: v for k, v in record["headline"].items()
+            if "perplexity" in k and not k.endswith("%") and isinstance(v, (int, float))}
 
 
 def side_by_side(runs: dict[str, dict]) -> tuple[list[dict], list[dict]]:

@@ -94,16 +94,24 @@ def _require_listener(base_url: str) -> None:
 
 def benchmark_endpoint(base_url: str, model: str, prompts: list[str], concurrency: int, n_requests: int,
                        max_tokens: int = 32, timeout_s: float = 120.0) -> dict:
-    """`n_requests` streamed requests, `concurrency` in flight at a time; per-request results and the wall time."""
+    """`n_requests` streamed requests, `concurrency` in flight at a time; per-request results and the wall time.
+    A server that answers one request at a time keeps a request waiting behind the others in flight, so the wait for
+    a byte is allowed `timeout_s` per request in flight."""
     _require_listener(base_url)
     jobs = [prompts[i % len(prompts)] for i in range(n_requests)]
     # a fresh connection per request: llama-server (cpp-httplib) closes a keep-alive connection after 5 requests, and a
     # request sent on it as it closes fails with "Server disconnected" (measured: 8 requests at concurrency 1)
     no_reuse = httpx.Limits(max_keepalive_connections=0)
-    with httpx.Client(timeout=timeout_s, limits=no_reuse) as client, ThreadPoolExecutor(concurrency) as pool:
+    timeout = httpx.Timeout(timeout_s * concurrency, connect=10.0)
+    with httpx.Client(timeout=timeout, limits=no_reuse) as client, ThreadPoolExecutor(concurrency) as pool:
         start = time.perf_counter()
         futures = [pool.submit(stream_completion, client, base_url, model, p, max_tokens) for p in jobs]
-        results = [f.result() for f in tqdm(futures, desc=f"concurrency {concurrency}", leave=False)]
+        try:
+            results = [f.result() for f in tqdm(futures, desc=f"concurrency {concurrency}", leave=False)]
+        except httpx.TimeoutException:
+            raise LabsError(f"{base_url} sent nothing for {timeout_s * concurrency:.0f} s at concurrency "
+                            f"{concurrency}: the server is overloaded (other jobs on its cores?); run it alone, or "
+                            "pass a larger timeout_s.") from None
         wall = time.perf_counter() - start
     return {"concurrency": concurrency, "results": results, "wall_s": wall}
 

@@ -103,7 +103,7 @@ def test_report_puts_machines_side_by_side(tmp_path, monkeypatch):
         folder.mkdir(exist_ok=True)
         monkeypatch.setenv("LABS_RESULTS_DIR", str(folder))
         cfg = setup_lab("98", "Report test", profile="quick")
-        save_results(cfg, {"perplexity reference": ppl})
+        save_results(cfg, {"perplexity reference": ppl, "perplexity vs llama.cpp %": 0.5})  # a percentage: not compared
         log = {"profile": "quick", "labs": {"98": {"status": "ok", "seconds": seconds}}}
         (folder / "run_log.json").write_text(json.dumps(log))
     times, ppl = side_by_side({"CPU": load_run(tmp_path), "GPU": load_run(tmp_path / "gpu")})
