@@ -251,6 +251,18 @@ def kernel_breakdown(run, steps: int = 10, top: int = 12) -> list[dict]:
              "share %": round(100 * e.self_device_time_total / total, 1)} for e in events[:top]]
 
 
+def cuda_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """Mean wall seconds of `fn()` on the GPU over `repeats` calls, after `warmup` calls (synchronized around)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
 def time_prefill(model: DecodeModel, tokens: int = PREFILL_TOKENS, repeats: int = 5) -> dict:
     """One compiled forward over a `tokens`-token prompt (all layers; lm_head on the last token): tok/s and
     achieved TFLOP/s. BF16 weights use BF16 matmuls; FP8 weights torch._scaled_mm with per-tensor scales."""
@@ -267,14 +279,7 @@ def time_prefill(model: DecodeModel, tokens: int = PREFILL_TOKENS, repeats: int 
             x = layer_fn(x, layer)
         return model._rms_norm(x[-1:]) @ model.lm_head.t()
 
-    for _ in range(2):
-        forward()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        forward()
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / repeats
+    seconds = cuda_seconds(forward, repeats, warmup=2)
     flops = model.prefill_flops(tokens)
     return {"weights": model.weights_label, "tokens": tokens, "ms": round(1000 * seconds, 2),
             "tokens/s": round(tokens / seconds, 0), "TFLOP/s": round(flops / seconds / 1e12, 1),
@@ -306,13 +311,7 @@ def nvfp4_pack_speed(rows: int = 8192, cols: int = 8192, repeats: int = 20) -> d
     w = (torch.randn(rows, cols, device="cuda") * 0.02).to(torch.bfloat16)
 
     def timed(fn):
-        fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        torch.cuda.synchronize()
-        ms = 1000 * (time.perf_counter() - start) / repeats
+        ms = 1000 * cuda_seconds(fn, repeats)
         return {"ms": round(ms, 3), "GB/s of input": round(w.numel() * 2 / ms / 1e6, 1)}
 
     ours, reference = nvfp4_quantize_pack(w), NVFP4().quantize(w)

@@ -56,12 +56,14 @@ def perplexity(model, tokens: torch.Tensor, window: int = 1024, batch_size: int 
 
 def paired_change(nll: torch.Tensor, reference: torch.Tensor, block: int = 128) -> tuple[float, float]:
     """Perplexity from `nll` vs from `reference` (token NLLs of the same tokens) in %, and two standard errors of that
-    change from the means of the paired NLL differences over consecutive blocks of `block` tokens."""
+    change in % as well: the block standard error of the mean paired NLL difference (consecutive blocks of `block`
+    tokens) times exp(mean difference), the slope of the perplexity ratio (first order)."""
     d = nll - reference
     blocks = d[: len(d) // block * block].reshape(-1, block).mean(dim=1)
     if len(blocks) < 2:
         raise ValueError(f"need at least {2 * block} scored tokens for an error bar, got {len(d)}")
-    return 100 * math.expm1(d.mean().item()), 100 * 2 * blocks.std().item() / math.sqrt(len(blocks))
+    mean = d.mean().item()
+    return 100 * math.expm1(mean), 100 * math.exp(mean) * 2 * blocks.std().item() / math.sqrt(len(blocks))
 
 
 def storage_report(model, scheme: Scheme | None = None, skip: tuple[str, ...] = SKIP, other_bits: int = 16) -> dict:

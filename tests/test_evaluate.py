@@ -92,6 +92,7 @@ def test_paired_change_is_the_perplexity_ratio_with_a_block_standard_error():
     assert two_se == pytest.approx(0, abs=1e-9)  # 8 blocks, all with the same mean difference
     blocks = torch.tensor([0.0, 0.02]).repeat_interleave(128).repeat(4).double()  # block means 0, 0.02, 0, ...
     _, two_se = paired_change(reference[:1024] + blocks, reference[:1024], block=128)
-    assert two_se == pytest.approx(100 * 2 * torch.tensor([0.0, 0.02] * 4).std().item() / math.sqrt(8))
+    block_se = torch.tensor([0.0, 0.02] * 4).std().item() / math.sqrt(8)
+    assert two_se == pytest.approx(100 * math.exp(0.01) * 2 * block_se)  # in % of perplexity, like the change
     with pytest.raises(ValueError, match="error bar"):
         paired_change(reference[:200], reference[:200], block=128)
