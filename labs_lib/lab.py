@@ -106,17 +106,19 @@ def setup_lab(lab: str, title: str, profile: str | None = None, model: str | Non
 
 
 def recorded_run_times(lab: str) -> str:
-    """This lab's wall time in the committed main-job runs (results/run_log.json, results/gpu/run_log.json)."""
+    """This lab's wall time in the committed main-job runs (run logs in results/, results/gpu/, results/gpu-quick/)."""
     import json
     from pathlib import Path
 
     results, times = Path(__file__).resolve().parents[1] / "results", []
-    for sub in ("", "gpu"):
+    for sub in ("", "gpu", "gpu-quick"):
         path = results / sub / "run_log.json"
         log = json.loads(path.read_text()) if path.is_file() else {}
         entry = log.get("labs", {}).get(lab)
         if entry and entry["status"] == "ok":
-            times.append(f"{entry['seconds'] / 60:.1f} min on {log['machine']['name']} ({log['profile']} profile)")
+            shared = f", {log['jobs']} labs at a time" if log.get("jobs", 1) > 1 else ""
+            machine = log["machine"]["name"]
+            times.append(f"{entry['seconds'] / 60:.1f} min on {machine} ({log['profile']} profile{shared})")
     return "; ".join(times) or "not recorded yet (make run records it)"
 
 
