@@ -95,6 +95,12 @@ class FakeQuant:
         return Built(self.name, "transformers", model, *_size(model, self.weights), seconds)
 
 
+def _placement_key(model) -> str:
+    """The part of a cache key that keeps results of one dtype and device type apart (e.g. 'bfloat16-cuda')."""
+    base = next(model.parameters())
+    return f"{str(base.dtype).removeprefix('torch.')}-{base.device.type}"
+
+
 def _save_codes(folder: Path, codes: dict[str, dict[str, torch.Tensor]], changed: dict[str, torch.Tensor]) -> None:
     """Cache what a scheme's `quantize` gave for each Linear, and the other parameters a method changed."""
     from safetensors.torch import save_file
@@ -182,9 +188,8 @@ class QAT:
     lr: float = 1e-4  # Lab 11's QAT_LR
 
     def _folder(self, ctx: BuildContext) -> Path:
-        base = next(ctx.base.parameters())
-        return cache_path("variants", ctx.model_name, "qat", settings_key(self),
-                          f"{str(base.dtype).removeprefix('torch.')}-{base.device.type}", calibration_key(ctx.batches),
+        return cache_path("variants", ctx.model_name, "qat", settings_key(self), _placement_key(ctx.base),
+                          calibration_key(ctx.batches),
                           root=ctx.cache)
 
     def build(self, ctx: BuildContext) -> Built:
@@ -232,9 +237,8 @@ class MixedPrecision:
         start = time.perf_counter()
         blocks = block_linears(ctx.base)
         scored = ctx.batches[: self.sensitivity_rows]
-        base = next(ctx.base.parameters())
-        path = cache_path("variants", ctx.model_name, "sensitivity", self.low.name,
-                          f"{str(base.dtype).removeprefix('torch.')}-{base.device.type}", calibration_key(scored),
+        path = cache_path("variants", ctx.model_name, "sensitivity", self.low.name, _placement_key(ctx.base),
+                          calibration_key(scored),
                           root=ctx.cache) / "rows.json"
         cached = path.is_file()
         if cached:  # the per-block perplexities (seconds of forward passes each); the pick itself is instant
