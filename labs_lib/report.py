@@ -151,6 +151,7 @@ def build_report(root: Path | None = None) -> Path:
                                "started (UTC)": run["log"].get("started_utc", ""),
                                "labs at a time": run["log"].get("jobs", 1),
                                "lab time s": round(sum(v["seconds"] for v in run["log"].get("labs", {}).values())),
+                               "run wall s": run["log"].get("wall_s", ""),
                                "corpus text": _corpus_text(run),
                                "reruns": "; ".join(f"{', '.join(r['labs'])} at {r['started_utc']}"
                                                    for r in run["log"].get("reruns", [])),

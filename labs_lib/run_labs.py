@@ -6,8 +6,9 @@ The profile follows the device (quick on a CPU, full on a GPU) unless given. A C
 results/executed/; a GPU run writes results/gpu/ and results/executed-gpu/, so the report holds one run per machine.
 A run at the other profile goes beside them (results/gpu-quick/, results/cpu-full/): the GPU's quick run evaluates
 the CPU's exact tokens, which is how the report checks that both machines compute the same perplexities.
---jobs N executes N labs at a time, each in its own kernel (a GPU machine has the cores and memory for it); the log
-records N, since labs that share a machine take longer each.
+--jobs N executes N labs at a time, each in its own kernel (a GPU machine has the cores and memory for it), the
+longest first by this machine's last log, so the run ends sooner; the log records N, since labs that share a machine
+take longer each.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from .files import write_atomic
@@ -53,6 +54,12 @@ def execute(notebook: Path, executed: Path) -> tuple[str, float]:
     return status, round(time.perf_counter() - start, 1)
 
 
+def longest_first(notebooks: list[Path], last_log: dict) -> list[Path]:
+    """The labs ordered by their time in `last_log`, longest first; a lab without a time (new) goes first."""
+    seconds = {lab: entry.get("seconds", 0) for lab, entry in last_log.get("labs", {}).items()}
+    return sorted(notebooks, key=lambda nb: -seconds.get(nb.name[:2], float("inf")))
+
+
 def run(profile: str | None, model: str | None, labs: list[str] | None, jobs: int = 1) -> int:
     """Execute the labs (all, or `labs`), `jobs` at a time; log each lab's status, wall time and the run's machine."""
     device = default_device()
@@ -64,22 +71,29 @@ def run(profile: str | None, model: str | None, labs: list[str] | None, jobs: in
     os.environ.update({"LABS_PROFILE": profile, "LABS_RESULTS_DIR": str(results)}
                       | ({"LABS_MODEL": model} if model else {}))
     log_path = results / "run_log.json"
-    previous = json.loads(log_path.read_text()) if labs and log_path.is_file() else {}
+    last_log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    previous = last_log if labs else {}
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     log = {"machine": device_info(), "profile": profile, "started_utc": previous.get("started_utc", started),
            "jobs": previous.get("jobs", jobs), "labs": previous.get("labs", {})}
     if previous:  # a rerun of some labs joins the machine's run, and says so
         log["reruns"] = previous.get("reruns", []) + [{"labs": labs, "started_utc": started, "jobs": jobs}]
     notebooks = [nb for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) if not labs or nb.name[:2] in labs]
+    if jobs > 1:
+        notebooks = longest_first(notebooks, last_log)
     for nb in notebooks:
         print(f"== lab {nb.name[:2]}: {nb.name} (profile {profile}, {device}, {jobs} at a time)", flush=True)
-    failures = 0
+    failures, start = 0, time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        outcomes = pool.map(execute, notebooks, [executed] * len(notebooks))
-        for nb, (status, seconds) in zip(notebooks, outcomes):
+        futures = {pool.submit(execute, nb, executed): nb for nb in notebooks}
+        for future in as_completed(futures):
+            nb, (status, seconds) = futures[future], future.result()
             failures += status != "ok"
             log["labs"][nb.name[:2]] = {"notebook": nb.name, "status": status, "seconds": seconds}
             print(f"   lab {nb.name[:2]}: {status} in {seconds} s", flush=True)
+    log["labs"] = dict(sorted(log["labs"].items()))
+    # the run's wall time from start to end; a rerun of some labs leaves the run's as it was
+    log["wall_s"] = previous.get("wall_s", "") if previous else round(time.perf_counter() - start, 1)
     # written once the run ends, so each lab's header shows the last complete run's times, not a half-written log
     write_atomic(log_path, json.dumps(log, indent=1).encode())
     print(f"report: {build_report()}")

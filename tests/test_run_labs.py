@@ -26,8 +26,16 @@ def test_jobs_run_side_by_side_and_log_each_lab(tmp_path, monkeypatch):
 
     assert run_labs.run("quick", None, None, jobs=2) == 1
     log = json.loads((results / "run_log.json").read_text())
-    assert log["jobs"] == 2
+    assert log["jobs"] == 2 and log["wall_s"] > 0
     assert log["labs"]["01"]["status"] == "ok"
     assert log["labs"]["02"]["status"] == "failed: PapermillExecutionError"
     executed = nbformat.read(tmp_path / "executed" / "01_ok.ipynb", as_version=4)
     assert executed.cells[0].outputs[0]["text"] == "42\n"
+
+
+def test_longest_first_puts_new_labs_then_the_slowest_first(tmp_path):
+    notebooks = [tmp_path / f"{lab}_x.ipynb" for lab in ("01", "02", "03", "04")]
+    last_log = {"labs": {"01": {"seconds": 20.0}, "02": {"seconds": 300.0}, "03": {"seconds": 90.0}}}
+    order = [nb.name[:2] for nb in run_labs.longest_first(notebooks, last_log)]
+    assert order == ["04", "02", "03", "01"]
+    assert run_labs.longest_first(notebooks, {}) == notebooks  # no log: the lab order
