@@ -23,7 +23,7 @@ import torch
 from .blockquant import IntGroup
 from .errors import LabsError
 from .files import atomic_folder
-from .hardware import default_device
+from .hardware import cpu_threads, default_device
 from .models import _resolve, cache_path, calibration_key
 
 __all__ = ["require_gptqmodel", "LibraryRun", "gptqmodel_quantize", "load_quantized_checkpoint"]
@@ -34,7 +34,7 @@ METHODS = ("gptq", "awq")
 def require_gptqmodel():
     # On CPU GPTQModel sizes its worker pools from this; the default asks for more workers than a
     # 2-core machine has and stops ("Virtual pool 'model_loader:cpu' requests 2 workers").
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(cpu_threads()))
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # its import prints a banner
             import gptqmodel

@@ -9,8 +9,8 @@ import torch
 
 from .errors import LabsError
 
-__all__ = ["default_device", "default_dtype", "device_info", "fp4_status", "fp8_status", "peak_memory_bytes",
-           "reset_peak_memory"]
+__all__ = ["cpu_threads", "default_device", "default_dtype", "device_info", "fp4_status", "fp8_status",
+           "peak_memory_bytes", "reset_peak_memory"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -28,6 +28,15 @@ def default_device() -> str:
         raise LabsError("LABS_DEVICE=cuda but torch sees no GPU: unset LABS_DEVICE to run on the CPU, or use a CUDA "
                         "build of torch (inside the NGC container it is there).")
     return device
+
+
+def cpu_threads() -> int:
+    """Cores this lab may use for CPU work (llama.cpp's tools and servers): $LABS_THREADS, which the main job sets
+    to a share of the cores when it runs several labs at a time (oversubscribed llama.cpp threads stall), else all."""
+    value = os.environ.get("LABS_THREADS", "").strip()
+    if value and not (value.isdigit() and int(value) > 0):
+        raise LabsError(f"LABS_THREADS='{value}': use a whole number of cores, at least 1, or unset it.")
+    return int(value) if value else os.cpu_count() or 1
 
 
 def default_dtype(device: str) -> torch.dtype:

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import LabsError
+from .hardware import cpu_threads
 from .files import atomic_path
 
 __all__ = ["QUANT_TYPES", "TOOLS", "require_llama_cpp", "llama_tool", "tool_env", "run_llama_tool", "make_imatrix",
@@ -92,7 +93,7 @@ def make_imatrix(model: Path, text: Path, target: Path, ctx: int = 512, chunks: 
     """`llama-imatrix`: the mean squared activation entering every matrix, per input column, over `text` (windows of
     `ctx` tokens), written atomically to `target` (a GGUF file)."""
     with atomic_path(target) as tmp:
-        args = ["-m", model, "-f", text, "-o", tmp, "-c", ctx, "-t", os.cpu_count() or 1, "--no-ppl"]
+        args = ["-m", model, "-f", text, "-o", tmp, "-c", ctx, "-t", cpu_threads(), "--no-ppl"]
         run_llama_tool("llama-imatrix", args + (["--chunks", chunks] if chunks else []))
     return Path(target)
 
@@ -101,7 +102,7 @@ def quantize_with_tool(source: Path, target: Path, qtype: str, imatrix: Path | N
     """`llama-quantize` from an F16/F32 GGUF to `qtype` (e.g. Q4_K_M, IQ2_XXS), with an importance matrix if given,
     written atomically."""
     with atomic_path(target) as tmp:
-        args = (["--imatrix", imatrix] if imatrix else []) + [source, tmp, qtype, os.cpu_count() or 1]
+        args = (["--imatrix", imatrix] if imatrix else []) + [source, tmp, qtype, cpu_threads()]
         run_llama_tool("llama-quantize", args)
     return Path(target)
 
@@ -110,7 +111,7 @@ def tool_perplexity(model: Path, text: Path, ctx: int) -> dict:
     """`llama-perplexity` over `text`: it tokenizes the file, cuts it into windows of `ctx` tokens (the first replaced
     by BOS where the vocabulary adds one) and scores the second half of each window from the first half."""
     done = run_llama_tool("llama-perplexity", ["-m", model, "-f", text, "-c", ctx, "-b", ctx,
-                                               "-t", os.cpu_count() or 1])
+                                               "-t", cpu_threads()])
     log = done.stdout + done.stderr
     final = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
     chunks = re.search(r"calculating perplexity over (\d+) chunks", log)
@@ -153,7 +154,7 @@ def llama_bench(models: list[Path], prompt: int = 512, generate: int = 128, repe
 
     rows = []
     for model in models:
-        args = ["-m", model, "-p", prompt, "-n", generate, "-r", repetitions, "-t", os.cpu_count() or 1, "-o", "json"]
+        args = ["-m", model, "-p", prompt, "-n", generate, "-r", repetitions, "-t", cpu_threads(), "-o", "json"]
         for run in json.loads(run_llama_tool("llama-bench", args).stdout):
             test = f"pp{run['n_prompt']}" if run["n_prompt"] else f"tg{run['n_gen']}"
             rows.append({"file": Path(model).stem, "MB": round(run["model_size"] / 1e6, 1), "test": test,
@@ -192,7 +193,7 @@ def quantize_gguf(source: Path, target: Path, qtype: str, threads: int | None = 
         raise LabsError(f"llama.cpp has no quantization type {qtype}; try one of {', '.join(QUANT_TYPES)}.")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
-    params.nthread = threads or os.cpu_count() or 1
+    params.nthread = threads or cpu_threads()
     with atomic_path(target) as tmp:
         with _captured_stderr() as log:
             rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
@@ -244,7 +245,7 @@ def load_gguf(path: Path, n_ctx: int = 1024, logits_all: bool = True):
     read_gguf(path)  # a clear error for a missing or damaged file, before llama.cpp sees it
     llama_cpp = require_llama_cpp()
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
-                           n_threads=os.cpu_count(), verbose=False)
+                           n_threads=cpu_threads(), verbose=False)
 
 
 def gguf_perplexity(llm, tokens: torch.Tensor, window: int = 1024, desc: str = "perplexity") -> float:

@@ -7,8 +7,8 @@ results/executed/; a GPU run writes results/gpu/ and results/executed-gpu/, so t
 A run at the other profile goes beside them (results/gpu-quick/, results/cpu-full/): the GPU's quick run evaluates
 the CPU's exact tokens, which is how the report checks that both machines compute the same perplexities.
 --jobs N executes N labs at a time, each in its own kernel (a GPU machine has the cores and memory for it), the
-longest first by this machine's last log, so the run ends sooner; the log records N, since labs that share a machine
-take longer each.
+longest first by this machine's last log, so the run ends sooner, and each on its share of the CPU cores
+($LABS_THREADS); the log records N, since labs that share a machine take longer each.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from .files import write_atomic
-from .hardware import default_device, device_info
+from .hardware import cpu_threads, default_device, device_info
 from .lab import default_profile
 from .report import build_report
 
@@ -70,12 +70,16 @@ def run(profile: str | None, model: str | None, labs: list[str] | None, jobs: in
     # the kernels read these, exactly as a learner's notebook does: no injected parameter cell
     os.environ.update({"LABS_PROFILE": profile, "LABS_RESULTS_DIR": str(results)}
                       | ({"LABS_MODEL": model} if model else {}))
+    if jobs > 1:  # each lab gets its share of the cores: llama.cpp's threads spin-wait, and 4 x 16 on 16 cores stall
+        share = str(max(1, (os.cpu_count() or 1) // jobs))
+        for name in ("LABS_THREADS", "OMP_NUM_THREADS"):
+            os.environ.setdefault(name, share)
     log_path = results / "run_log.json"
     last_log = json.loads(log_path.read_text()) if log_path.is_file() else {}
     previous = last_log if labs else {}
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     log = {"machine": device_info(), "profile": profile, "started_utc": previous.get("started_utc", started),
-           "jobs": previous.get("jobs", jobs), "labs": previous.get("labs", {})}
+           "jobs": previous.get("jobs", jobs), "cpu_threads_per_lab": cpu_threads(), "labs": previous.get("labs", {})}
     if previous:  # a rerun of some labs joins the machine's run, and says so
         log["reruns"] = previous.get("reruns", []) + [{"labs": labs, "started_utc": started, "jobs": jobs}]
     notebooks = [nb for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) if not labs or nb.name[:2] in labs]

@@ -28,6 +28,7 @@ import httpx
 from tqdm.auto import tqdm
 
 from .errors import LabsError
+from .hardware import cpu_threads
 
 __all__ = ["RequestResult", "stream_completion", "benchmark_endpoint", "summarize", "server_timing_check", "free_port",
            "llama_cpp_server", "llama_server", "plot_serving"]
@@ -176,7 +177,7 @@ def llama_cpp_server(gguf: Path, port: int | None = None, n_ctx: int = 2048, n_t
         raise LabsError(f"llama-cpp-python's server needs its [server] extra ({exc.name} is missing): "
                         "pip install -r requirements.txt") from None
     port = port or free_port()
-    threads = n_threads or max(1, (os.cpu_count() or 2) - 1)
+    threads = n_threads or max(1, cpu_threads() - 1)
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
                "--interrupt_requests", "False"]  # queue concurrent requests (its default cancels the running one)
@@ -196,7 +197,7 @@ def llama_server(gguf: Path, parallel: int = 4, ctx_per_slot: int = 512, port: i
 
     read_gguf(gguf)
     port = port or free_port()
-    threads = n_threads or os.cpu_count() or 1
+    threads = n_threads or cpu_threads()
     command = [str(llama_tool("llama-server")), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                "-np", str(parallel), "-c", str(parallel * ctx_per_slot), "-t", str(threads), "--no-webui"]
     with _serving(command, port, "/health", "llama-server", startup_timeout_s, tool_env()) as base_url:

@@ -1,8 +1,10 @@
 """The main job's runner: labs run side by side are logged each with its own status; a failure fails the run."""
 
 import json
+import os
 
 import nbformat
+import pytest
 
 from labs_lib import run_labs
 
@@ -23,10 +25,13 @@ def test_jobs_run_side_by_side_and_log_each_lab(tmp_path, monkeypatch):
     monkeypatch.setattr(run_labs, "build_report", lambda: "no report in this test")
     for name in ("LABS_PROFILE", "LABS_RESULTS_DIR"):  # run() sets them for its kernels: restored after the test
         monkeypatch.setenv(name, "")
+    for name in ("LABS_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
 
     assert run_labs.run("quick", None, None, jobs=2) == 1
     log = json.loads((results / "run_log.json").read_text())
     assert log["jobs"] == 2 and log["wall_s"] > 0
+    assert log["cpu_threads_per_lab"] == max(1, (os.cpu_count() or 1) // 2)  # each lab's share of the cores
     assert log["labs"]["01"]["status"] == "ok"
     assert log["labs"]["02"]["status"] == "failed: PapermillExecutionError"
     executed = nbformat.read(tmp_path / "executed" / "01_ok.ipynb", as_version=4)
@@ -39,3 +44,16 @@ def test_longest_first_puts_new_labs_then_the_slowest_first(tmp_path):
     order = [nb.name[:2] for nb in run_labs.longest_first(notebooks, last_log)]
     assert order == ["04", "02", "03", "01"]
     assert run_labs.longest_first(notebooks, {}) == notebooks  # no log: the lab order
+
+
+def test_cpu_threads_reads_the_share_and_refuses_nonsense(monkeypatch):
+    from labs_lib.errors import LabsError
+    from labs_lib.hardware import cpu_threads
+
+    monkeypatch.delenv("LABS_THREADS", raising=False)
+    assert cpu_threads() == os.cpu_count()
+    monkeypatch.setenv("LABS_THREADS", "3")
+    assert cpu_threads() == 3
+    monkeypatch.setenv("LABS_THREADS", "0")
+    with pytest.raises(LabsError, match="LABS_THREADS='0'"):
+        cpu_threads()
