@@ -9,7 +9,7 @@ from pathlib import Path
 from .files import write_atomic
 from .results import results_dir
 
-__all__ = ["build_report", "load_run", "markdown_table", "side_by_side"]
+__all__ = ["build_report", "committed_agreement", "load_run", "markdown_table", "side_by_side"]
 
 # sub-folder of results/ -> column name: each machine's default run, then the runs at the other profile
 MACHINES = {"": "CPU", "gpu": "GPU", "gpu-quick": "GPU quick", "cpu-full": "CPU full"}
@@ -74,6 +74,16 @@ def side_by_side(runs: dict[str, dict]) -> tuple[list[dict], list[dict]]:
                 row[f"{name} vs {first} %"] = round(100 * (other / value - 1), 2) if other is not None else ""
             ppl.append(row)
     return times, ppl
+
+
+def committed_agreement(lab: str, root: Path | None = None) -> list[dict]:
+    """The perplexities `lab` recorded in the committed CPU and GPU-quick runs (the same tokens; float32 on the CPU,
+    BF16 on the GPU) and their difference in %; empty where either run has no record of the lab."""
+    root = Path(root) if root else Path(__file__).resolve().parents[1] / "results"
+    runs = {name: load_run(root / sub) for sub, name in (("", "CPU"), ("gpu-quick", "GPU quick"))}
+    if not all(lab in run["records"] for run in runs.values()):
+        return []
+    return [row for row in side_by_side(runs)[1] if row["lab"] == lab]
 
 
 def _lab_section(record: dict, seconds: float | None, machine: str) -> list[str]:
@@ -143,8 +153,9 @@ def build_report(root: Path | None = None) -> Path:
     versions = next(iter(runs["CPU" if "CPU" in runs else next(iter(runs))]["records"].values()))["versions"]
     lines = ["# Spark Quantization Labs · results", "",
              "Every number below was computed by the labs in `notebooks/` on the machine named in each section; "
-             "nothing is typed in by hand. Each machine's section is one run of `make run` "
-             "(`python -m labs_lib.run_labs`): quick profile on a CPU, full on a GPU.", "",
+             "nothing is typed in by hand. Each machine's section is one run of the main job, `make run` or "
+             "`python -m labs_lib.run_labs` (the latter for several labs at a time): quick profile on a CPU, full on "
+             "a GPU.", "",
              "Libraries (CPU run): " + ", ".join(f"{k} {v}" for k, v in versions.items()), "", "## The runs", ""]
     lines += [markdown_table([{"machine": name, "device": run["log"].get("machine", {}).get("name", ""),
                                "profile": run["log"].get("profile", ""),

@@ -114,6 +114,20 @@ def test_report_puts_machines_side_by_side(tmp_path, monkeypatch):
     assert "## CPU run" in report and "## GPU run" in report and "![figures" not in report
 
 
+def test_committed_agreement_compares_the_cpu_and_gpu_quick_records(tmp_path, monkeypatch):
+    from labs_lib.report import committed_agreement
+    from labs_lib.results import save_results
+
+    for sub, ppl in (("", 20.0), ("gpu-quick", 19.5)):
+        folder = tmp_path / sub
+        folder.mkdir(exist_ok=True)
+        monkeypatch.setenv("LABS_RESULTS_DIR", str(folder))
+        save_results(setup_lab("98", "Agreement test", profile="quick"), {"perplexity W4A4": ppl})
+    assert committed_agreement("98", tmp_path) == [{"lab": "98", "measure": "perplexity W4A4", "CPU": 20.0,
+                                                    "GPU quick": 19.5, "GPU quick vs CPU %": -2.5}]
+    assert committed_agreement("97", tmp_path) == []  # a lab one run lacks: nothing to compare
+
+
 def test_report_names_runs_that_read_different_text(tmp_path, monkeypatch):
     from labs_lib.report import build_report
     from labs_lib.results import save_results
