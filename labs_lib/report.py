@@ -179,8 +179,13 @@ def build_report(root: Path | None = None) -> Path:
                   "", markdown_table(ppl), ""]
     for name, run in runs.items():
         lines += [f"## {name} run", ""]
+        logged = run["log"].get("labs", {})
+        failed = {lab: entry for lab, entry in logged.items() if entry.get("status", "ok") != "ok"}
+        lines += [f"Lab {lab}: {entry['status']} after {entry['seconds']} s; no record from this run." for lab, entry
+                  in sorted(failed.items())] + ([""] if failed else [])
         for lab, record in run["records"].items():
-            lines += _lab_section(record, run["log"].get("labs", {}).get(lab, {}).get("seconds"), name)
+            if lab not in failed:  # a failed lab's file, if any, is an older run's
+                lines += _lab_section(record, logged.get(lab, {}).get("seconds"), name)
     path = root / "REPORT.md"
     write_atomic(path, "\n".join(lines).encode())
     return path

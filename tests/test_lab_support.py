@@ -112,6 +112,11 @@ def test_report_puts_machines_side_by_side(tmp_path, monkeypatch):
     assert ppl == [{"lab": "98", "measure": "perplexity reference", "CPU": 12.5, "GPU": 12.6, "GPU vs CPU %": 0.8}]
     report = build_report(tmp_path / "gpu").read_text()  # a GPU run writes the one report of both machines
     assert "## CPU run" in report and "## GPU run" in report and "![figures" not in report
+    failed = {"profile": "quick", "labs": {"98": {"status": "failed: PapermillExecutionError", "seconds": 3.0}}}
+    (tmp_path / "gpu" / "run_log.json").write_text(json.dumps(failed))
+    report = build_report(tmp_path / "gpu").read_text()  # the lab's file is an older run's: named failed, not shown
+    assert "Lab 98: failed: PapermillExecutionError after 3.0 s; no record from this run." in report
+    assert report.count("### Lab 98") == 1  # the CPU run's section only
 
 
 def test_committed_agreement_compares_the_cpu_and_gpu_quick_records(tmp_path, monkeypatch):

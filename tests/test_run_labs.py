@@ -25,8 +25,9 @@ def test_jobs_run_side_by_side_and_log_each_lab(tmp_path, monkeypatch):
     monkeypatch.setattr(run_labs, "build_report", lambda: "no report in this test")
     for name in ("LABS_PROFILE", "LABS_RESULTS_DIR"):  # run() sets them for its kernels: restored after the test
         monkeypatch.setenv(name, "")
-    for name in ("LABS_THREADS", "OMP_NUM_THREADS"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("LABS_THREADS", "OMP_NUM_THREADS"):  # unset for run(); whatever run() sets is undone after the test
+        monkeypatch.setenv(name, "1")  # (delenv alone records nothing to undo when the variable is absent: run()'s
+        monkeypatch.delenv(name)  # share of the cores would leak into every later test, the notebooks' kernels too)
 
     assert run_labs.run("quick", None, None, jobs=2) == 1
     log = json.loads((results / "run_log.json").read_text())
