@@ -108,9 +108,10 @@ def setup_lab(lab: str, title: str, profile: str | None = None, model: str | Non
 def recorded_run_times(lab: str) -> str:
     """This lab's wall time in the committed main-job runs (run logs in results/, results/gpu/, results/gpu-quick/)."""
     import json
-    from pathlib import Path
 
-    results, times = Path(__file__).resolve().parents[1] / "results", []
+    from .results import COMMITTED_RESULTS
+
+    results, times = COMMITTED_RESULTS, []
     for sub in ("", "gpu", "gpu-quick"):
         path = results / sub / "run_log.json"
         log = json.loads(path.read_text()) if path.is_file() else {}

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .files import write_atomic
-from .results import results_dir
+from .results import COMMITTED_RESULTS, results_dir
 
 __all__ = ["build_report", "committed_agreement", "load_run", "markdown_table", "side_by_side"]
 
@@ -79,7 +79,7 @@ def side_by_side(runs: dict[str, dict]) -> tuple[list[dict], list[dict]]:
 def committed_agreement(lab: str, root: Path | None = None) -> list[dict]:
     """The perplexities `lab` recorded in the committed CPU and GPU-quick runs (the same tokens; float32 on the CPU,
     BF16 on the GPU) and their difference in %; empty where either run has no record of the lab."""
-    root = Path(root) if root else Path(__file__).resolve().parents[1] / "results"
+    root = Path(root) if root else COMMITTED_RESULTS
     runs = {name: load_run(root / sub) for sub, name in (("", "CPU"), ("gpu-quick", "GPU quick"))}
     if not all(lab in run["records"] for run in runs.values()):
         return []

@@ -20,7 +20,11 @@ RESULT_FILES = {"01": "01_data_types", "02": "02_nvfp4", "03": "03_gptq", "04": 
                 "06": "06_fp8", "07": "07_quality", "08": "08_engine",
                 "09": "09_byom", "10": "10_kv_smoothquant", "11": "11_qat_mixed"}
 
-__all__ = ["results_dir", "save_figure", "save_results", "library_versions", "recorded"]
+__all__ = ["COMMITTED_RESULTS", "results_dir", "save_figure", "save_results", "library_versions", "recorded"]
+
+
+# the records committed with this repository (what each lab's header and the report read), wherever a run writes
+COMMITTED_RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def results_dir() -> Path:
@@ -37,7 +41,7 @@ def results_dir() -> Path:
 def recorded(file_name: str) -> dict | None:
     """A measurement taken on other hardware (e.g. a GPU record): from the results folder, else the copy
     committed in this repository's results/; None if neither exists."""
-    for folder in (results_dir(), Path(__file__).resolve().parents[1] / "results"):
+    for folder in (results_dir(), COMMITTED_RESULTS):
         if (folder / file_name).is_file():
             return json.loads((folder / file_name).read_text())
     return None

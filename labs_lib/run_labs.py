@@ -54,6 +54,11 @@ def execute(notebook: Path, executed: Path) -> tuple[str, float]:
     return status, round(time.perf_counter() - start, 1)
 
 
+def _set_environment(values: dict[str, str]) -> None:
+    """A worker process's start: these variables for the kernels it launches."""
+    os.environ.update(values)
+
+
 def longest_first(notebooks: list[Path], last_log: dict) -> list[Path]:
     """The labs ordered by their time in `last_log`, longest first; a lab without a time (new) goes first."""
     seconds = {lab: entry.get("seconds", 0) for lab, entry in last_log.get("labs", {}).items()}
@@ -70,16 +75,17 @@ def run(profile: str | None, model: str | None, labs: list[str] | None, jobs: in
     # the kernels read these, exactly as a learner's notebook does: no injected parameter cell
     os.environ.update({"LABS_PROFILE": profile, "LABS_RESULTS_DIR": str(results)}
                       | ({"LABS_MODEL": model} if model else {}))
-    if jobs > 1:  # each lab gets its share of the cores: llama.cpp's threads spin-wait, and 4 x 16 on 16 cores stall
-        share = str(max(1, (os.cpu_count() or 1) // jobs))
-        for name in ("LABS_THREADS", "OMP_NUM_THREADS"):
-            os.environ.setdefault(name, share)
+    # several labs at a time: each kernel gets its share of the cores (llama.cpp's threads spin-wait, and 4 x 16 on
+    # 16 cores stalled); set in the worker processes only, so this process's environment stays as it was
+    share = {name: os.environ.get(name) or str(max(1, (os.cpu_count() or 1) // jobs))
+             for name in ("LABS_THREADS", "OMP_NUM_THREADS")} if jobs > 1 else {}
     log_path = results / "run_log.json"
     last_log = json.loads(log_path.read_text()) if log_path.is_file() else {}
     previous = last_log if labs else {}
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     log = {"machine": device_info(), "profile": profile, "started_utc": previous.get("started_utc", started),
-           "jobs": previous.get("jobs", jobs), "cpu_threads_per_lab": cpu_threads(), "labs": previous.get("labs", {})}
+           "jobs": previous.get("jobs", jobs), "cpu_threads_per_lab": int(share.get("LABS_THREADS") or cpu_threads()),
+           "labs": previous.get("labs", {})}
     if previous:  # a rerun of some labs joins the machine's run, and says so
         log["reruns"] = previous.get("reruns", []) + [{"labs": labs, "started_utc": started, "jobs": jobs}]
     notebooks = [nb for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) if not labs or nb.name[:2] in labs]
@@ -88,7 +94,7 @@ def run(profile: str | None, model: str | None, labs: list[str] | None, jobs: in
     for nb in notebooks:
         print(f"== lab {nb.name[:2]}: {nb.name} (profile {profile}, {device}, {jobs} at a time)", flush=True)
     failures, start = 0, time.perf_counter()
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, initializer=_set_environment, initargs=(share,)) as pool:
         futures = {pool.submit(execute, nb, executed): nb for nb in notebooks}
         for future in as_completed(futures):
             nb, (status, seconds) = futures[future], future.result()
