@@ -26,7 +26,7 @@ from .errors import LabsError
 from .files import write_atomic
 
 __all__ = ["TASK_DIR", "PPL_TASK", "MC_TASK", "next_word_items", "write_task_data", "LlamaCppLM", "run_tasks",
-           "evaluate_built", "HUB_TASKS", "run_hub_tasks"]
+           "paired_accuracy_change", "evaluate_built", "HUB_TASKS", "run_hub_tasks"]
 
 TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
 PPL_TASK, MC_TASK = "labs_ppl", "labs_mc"
@@ -165,7 +165,18 @@ def run_tasks(lm, data_dir: Path, batch_size: int = 32) -> dict:
             "word perplexity stderr": _number(ppl.get("word_perplexity_stderr,none")),
             "byte perplexity": ppl["byte_perplexity,none"], "bits per byte": ppl["bits_per_byte,none"],
             "accuracy": mc["acc,none"], "accuracy stderr": mc["acc_stderr,none"], "items": len(samples[MC_TASK]),
+            "item correct": [s["acc"] for s in sorted(samples[MC_TASK], key=lambda s: s["doc_id"])],
             "eval s": round(time.perf_counter() - start, 1)}
+
+
+def paired_accuracy_change(correct: list[float], reference: list[float]) -> tuple[float, float]:
+    """Accuracy minus the reference's on the same items, and the standard error of that difference from the
+    per-item differences (paired: smaller than the two accuracies' errors combined, which ignore that both models
+    answered the same questions)."""
+    if len(correct) != len(reference) or len(correct) < 2:
+        raise LabsError(f"paired accuracy needs the same items, at least 2: got {len(correct)} and {len(reference)}")
+    d = torch.tensor(correct, dtype=torch.float64) - torch.tensor(reference, dtype=torch.float64)
+    return d.mean().item(), (d.std() / math.sqrt(len(d))).item()
 
 
 def _number(value) -> float | None:

@@ -19,7 +19,8 @@ import torch
 from .errors import LabsError
 from .files import atomic_path
 
-__all__ = ["TENSOR_NAMES", "permute_for_rope", "write_gguf", "read_gguf", "compare_gguf", "tensor_type_summary"]
+__all__ = ["TENSOR_NAMES", "permute_for_rope", "write_gguf", "read_gguf", "compare_gguf", "tensor_type_summary",
+           "linear_bits_per_weight"]
 
 TENSOR_NAMES = {  # Hugging Face suffix -> llama.cpp name (per decoder block "blk.N.")
     "input_layernorm.weight": "attn_norm.weight",
@@ -276,3 +277,14 @@ def tensor_type_summary(info: dict) -> list[dict]:
         sizes[t["type"]] += t["bytes"]
     return [{"type": k, "tensors": counts[k], "weights": weights[k], "MB": round(sizes[k] / 1e6, 2),
              "bits/weight": round(8 * sizes[k] / weights[k], 3)} for k in sorted(counts, key=lambda k: -sizes[k])]
+
+
+def linear_bits_per_weight(info: dict) -> float:
+    """Bits per weight of the decoder blocks' Linear weights alone (q, k, v, o, gate, up, down; their scales
+    included): what Lab 07 counts for every variant. read_gguf's "bits/weight" counts every tensor, the token
+    embedding and the norms too."""
+    linear = {name for hf, name in TENSOR_NAMES.items() if hf.endswith("_proj.weight")}
+    rows = [t for t in info["tensors"] if t["name"].split(".", 2)[-1] in linear and t["name"].startswith("blk.")]
+    if not rows:
+        raise LabsError("this GGUF has no decoder Linear weights named as llama.cpp names them (blk.N.attn_q.weight)")
+    return round(8 * sum(t["bytes"] for t in rows) / sum(int(np.prod(t["shape"])) for t in rows), 3)

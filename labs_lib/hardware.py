@@ -9,8 +9,8 @@ import torch
 
 from .errors import LabsError
 
-__all__ = ["cpu_threads", "default_device", "default_dtype", "device_info", "fp4_status", "fp8_status",
-           "peak_memory_bytes", "reset_peak_memory"]
+__all__ = ["cpu_threads", "current_memory_bytes", "default_device", "default_dtype", "device_info", "fp4_status",
+           "fp8_status", "peak_memory_bytes", "reset_peak_memory"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -99,6 +99,12 @@ def reset_peak_memory() -> None:
     """Start a new peak-memory measurement on every visible GPU (the CPU's peak RSS cannot be reset)."""
     for index in range(torch.cuda.device_count()):
         torch.cuda.reset_peak_memory_stats(index)
+
+
+def current_memory_bytes() -> int:
+    """This process's resident set now (Linux /proc/self/statm), in bytes."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def peak_memory_bytes(device: str) -> int:

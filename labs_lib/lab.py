@@ -14,7 +14,7 @@ import torch
 
 from .data import EMBEDDED_CORPUS, default_corpus
 from .errors import LabsError
-from .hardware import default_device, default_dtype, device_info, fp4_status
+from .hardware import current_memory_bytes, default_device, default_dtype, device_info, fp4_status
 from .models import EMBEDDED, available_memory_bytes, default_model, model_config
 from .sizing import ModelShape, lab_memory_plan
 from .network import hub_reachable
@@ -123,12 +123,24 @@ def recorded_run_times(lab: str) -> str:
     return "; ".join(times) or "not recorded yet (make run records it)"
 
 
+def _fixed_bytes(cfg: LabConfig) -> int:
+    """What a lab holds whatever the model: on a CPU the process as it stands (Python, torch and the libraries: the
+    peak resident set counts them), on a GPU Lab 06's FP8 training benchmark (a fixed 4096-wide MLP stack)."""
+    if cfg.device == "cpu":
+        return current_memory_bytes()
+    if cfg.lab == "06" and device_info()["native_fp8"]:
+        from .training import fp8_comparison_bytes
+
+        return fp8_comparison_bytes()
+    return 0
+
+
 def check_lab_fits(cfg: LabConfig) -> dict:
     """The lab's memory plan for its model (from the config alone); LabsError before anything loads if it won't fit."""
     shape = ModelShape.from_config(model_config(cfg.model))
     plan = lab_memory_plan(shape, cfg.lab, bytes_per_param=torch.finfo(cfg.dtype).bits // 8,
                            calib_samples=cfg.sizes["calib_samples"], seq_len=cfg.sizes["seq_len"],
-                           window=cfg.sizes["window"])
+                           window=cfg.sizes["window"], fixed_bytes=_fixed_bytes(cfg))
     plan["available_bytes"] = available_memory_bytes(cfg.device)
     if plan["total_bytes"] > plan["available_bytes"]:
         raise LabsError(

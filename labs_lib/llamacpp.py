@@ -26,22 +26,23 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import LabsError
-from .hardware import cpu_threads
+from .hardware import cpu_threads, default_device
 from .files import atomic_path
 
-__all__ = ["QUANT_TYPES", "TOOLS", "require_llama_cpp", "llama_tool", "tool_env", "run_llama_tool", "make_imatrix",
-           "quantize_with_tool", "tool_perplexity", "tool_windows", "llama_bench", "gguf_file",
-           "convert_with_llama_cpp", "quantize_gguf", "gguf_for", "load_gguf", "gguf_perplexity", "gguf_speed",
-           "gguf_generate", "measure_gguf"]
+__all__ = ["QUANT_TYPES", "TOOLS", "require_llama_cpp", "llama_tool", "llama_backend", "gpu_layers",
+           "tool_env", "run_llama_tool", "make_imatrix", "quantize_with_tool", "tool_perplexity",
+           "tool_windows", "llama_bench", "gguf_file", "convert_with_llama_cpp", "quantize_gguf", "gguf_for",
+           "load_gguf", "gguf_perplexity", "gguf_speed", "gguf_generate", "measure_gguf"]
 
 QUANT_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
 # the C++ tools `make llama` builds next to the binding's libllama (scripts/build_llama_cpp.sh)
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-server")
 
 
-def require_llama_cpp():
+def require_llama_cpp(in_process: bool = True):
     """Import llama_cpp; OMP_WAIT_POLICY=PASSIVE first (busy-waiting threads made generation 30x slower on 2 cores),
-    and llama.cpp's log (thousands of lines per quantization) limited to errors."""
+    and llama.cpp's log (thousands of lines per quantization) limited to errors. `in_process`: its libllama will be
+    loaded here (not only in a server's own process), so a CUDA build beside torch is refused first."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     try:
@@ -49,6 +50,8 @@ def require_llama_cpp():
     except ImportError:
         raise LabsError("llama-cpp-python is not installed: `make llama` builds llama.cpp once (about 20 minutes on "
                         "2 cores, kept under $LABS_CACHE/llama.cpp); see TROUBLESHOOTING.md, 'GGUF'.") from None
+    if in_process:
+        _check_binding_beside_torch(llama_cpp)
     return llama_cpp
 
 
@@ -68,6 +71,35 @@ def llama_tool(name: str) -> Path:
         return Path(found)
     raise LabsError(f"llama.cpp's {name} is not built: run `make llama` (it compiles llama.cpp once, with "
                     f"{', '.join(TOOLS)}), or set LLAMA_CPP_BIN to a folder that holds it.")
+
+
+def llama_backend() -> str:
+    """Where llama.cpp's tools and servers compute in this lab: "CUDA" when the lab's device is a GPU and their build
+    has llama.cpp's CUDA backend (libggml-cuda next to them: `LLAMA_CPP_CUDA=ON make llama`), else "CPU". The
+    in-process binding always computes on the CPU (load_gguf)."""
+    if default_device() != "cuda":
+        return "CPU"
+    try:
+        folder = llama_tool("llama-server").parent
+    except LabsError:
+        return "CPU"
+    return "CUDA" if any(folder.glob("libggml-cuda.so*")) else "CPU"
+
+
+def gpu_layers() -> int:
+    """-ngl for the tools and servers: every layer on the GPU with the CUDA backend, else none."""
+    return 999 if llama_backend() == "CUDA" else 0
+
+
+def _check_binding_beside_torch(llama_cpp) -> None:
+    """A LabsError where the binding's libllama is a CUDA build: loaded into a process that has imported torch, it
+    crashed (segmentation fault while loading a GGUF, with or without offloaded layers; H100 and H200, CUDA 13.0,
+    torch 2.11; the same load without torch ran), which would kill the notebook's kernel without a message."""
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    if "torch" in sys.modules and any(lib.glob("libggml-cuda.so*")):
+        raise LabsError("llama-cpp-python is linked to a CUDA build of llama.cpp, which crashes when loaded beside "
+                        "torch in one process. Give the binding a CPU build (`make llama`, without LLAMA_CPP_CUDA=ON) "
+                        "and keep a CUDA build for the tools with LLAMA_CPP_BIN; TROUBLESHOOTING.md, 'GGUF'.")
 
 
 def tool_env() -> dict[str, str]:
@@ -93,7 +125,7 @@ def make_imatrix(model: Path, text: Path, target: Path, ctx: int = 512, chunks: 
     """`llama-imatrix`: the mean squared activation entering every matrix, per input column, over `text` (windows of
     `ctx` tokens), written atomically to `target` (a GGUF file)."""
     with atomic_path(target) as tmp:
-        args = ["-m", model, "-f", text, "-o", tmp, "-c", ctx, "-t", cpu_threads(), "--no-ppl"]
+        args = ["-m", model, "-f", text, "-o", tmp, "-c", ctx, "-t", cpu_threads(), "-ngl", gpu_layers(), "--no-ppl"]
         run_llama_tool("llama-imatrix", args + (["--chunks", chunks] if chunks else []))
     return Path(target)
 
@@ -111,7 +143,7 @@ def tool_perplexity(model: Path, text: Path, ctx: int) -> dict:
     """`llama-perplexity` over `text`: it tokenizes the file, cuts it into windows of `ctx` tokens (the first replaced
     by BOS where the vocabulary adds one) and scores the second half of each window from the first half."""
     done = run_llama_tool("llama-perplexity", ["-m", model, "-f", text, "-c", ctx, "-b", ctx,
-                                               "-t", cpu_threads()])
+                                               "-t", cpu_threads(), "-ngl", gpu_layers()])
     log = done.stdout + done.stderr
     final = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
     chunks = re.search(r"calculating perplexity over (\d+) chunks", log)
@@ -154,7 +186,8 @@ def llama_bench(models: list[Path], prompt: int = 512, generate: int = 128, repe
 
     rows = []
     for model in models:
-        args = ["-m", model, "-p", prompt, "-n", generate, "-r", repetitions, "-t", cpu_threads(), "-o", "json"]
+        args = ["-m", model, "-p", prompt, "-n", generate, "-r", repetitions, "-t", cpu_threads(),
+                "-ngl", gpu_layers(), "-o", "json"]
         for run in json.loads(run_llama_tool("llama-bench", args).stdout):
             test = f"pp{run['n_prompt']}" if run["n_prompt"] else f"tg{run['n_gen']}"
             rows.append({"file": Path(model).stem, "MB": round(run["model_size"] / 1e6, 1), "test": test,
@@ -239,13 +272,14 @@ def _captured_stderr():
 
 
 def load_gguf(path: Path, n_ctx: int = 1024, logits_all: bool = True):
-    """A llama_cpp.Llama on all cores; `logits_all` keeps every position's logits (needed for perplexity)."""
+    """A llama_cpp.Llama on this lab's CPU cores; `logits_all` keeps every position's logits (needed for
+    perplexity)."""
     from .gguf_io import read_gguf
 
     read_gguf(path)  # a clear error for a missing or damaged file, before llama.cpp sees it
     llama_cpp = require_llama_cpp()
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
-                           n_threads=cpu_threads(), verbose=False)
+                           n_threads=cpu_threads(), n_gpu_layers=0, verbose=False)
 
 
 def gguf_perplexity(llm, tokens: torch.Tensor, window: int = 1024, desc: str = "perplexity") -> float:

@@ -16,7 +16,7 @@ from .blockquant import Scheme
 from .errors import LabsError
 from .layerwise import SKIP, linear_layers
 
-__all__ = ["ste_fake_quantize", "QATLinear", "prepare_qat", "remove_qat", "distillation_loss", "distill"]
+__all__ = ["ste_fake_quantize", "QATLinear", "prepare_qat", "remove_qat", "distillation_loss", "distill", "held_out_kl"]
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -107,3 +107,18 @@ def distill(student, teacher, batches: torch.Tensor, steps: int, lr: float = 1e-
         losses.append(loss.item())
     student.eval()
     return losses
+
+
+def held_out_kl(student, teacher, tokens: torch.Tensor, window: int = 1024, batch_size: int = 4) -> float:
+    """Mean per-token KL(teacher || student) on `tokens` in windows of `window`: the distillation loss, on text
+    neither model trained on."""
+    device = next(student.parameters()).device
+    windows = tokens[: len(tokens) // window * window].reshape(-1, window)
+    if len(windows) == 0:
+        raise LabsError(f"need at least {window} tokens for one window, got {len(tokens)}")
+    total = 0.0
+    with torch.no_grad():
+        for batch in tqdm(windows.split(batch_size), desc="held-out KL", leave=False):
+            batch = batch.to(device)
+            total += distillation_loss(student(batch).logits, teacher(batch).logits).item() * batch.numel()
+    return total / windows.numel()

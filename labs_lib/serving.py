@@ -165,11 +165,12 @@ def llama_cpp_server(gguf: Path, port: int | None = None, n_ctx: int = 2048, n_t
     """llama-cpp-python's OpenAI-compatible server on the loopback address, stopped on exit. Yields the base URL.
 
     By default it leaves one core to the client measuring it: llama.cpp's threads wait for each other at every
-    step, so a server on all cores stalls whenever the client runs (measured on 2 cores: 45 vs 35 ms per token)."""
+    step, so a server on all cores stalls whenever the client runs (measured on 2 cores: 45 vs 35 ms per token). Its
+    own process has no torch, so it takes every layer to the GPU with a CUDA build, as llama-server does."""
     from .gguf_io import read_gguf
-    from .llamacpp import require_llama_cpp
+    from .llamacpp import gpu_layers, require_llama_cpp
 
-    require_llama_cpp()
+    require_llama_cpp(in_process=False)  # its libllama loads in the server's own process, without torch
     read_gguf(gguf)  # a missing or damaged file gets a clear error here, not a server that dies at start
     try:
         import fastapi, sse_starlette, starlette_context, uvicorn  # noqa: F401,E401
@@ -180,6 +181,7 @@ def llama_cpp_server(gguf: Path, port: int | None = None, n_ctx: int = 2048, n_t
     threads = n_threads or max(1, cpu_threads() - 1)
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
+               "--n_gpu_layers", str(gpu_layers()),
                "--interrupt_requests", "False"]  # queue concurrent requests (its default cancels the running one)
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     with _serving(command, port, "/v1/models", "llama-cpp-python's server", startup_timeout_s, env) as base_url:
@@ -191,15 +193,16 @@ def llama_server(gguf: Path, parallel: int = 4, ctx_per_slot: int = 512, port: i
                  n_threads: int | None = None, startup_timeout_s: float = 120.0):
     """llama.cpp's own `llama-server` on the loopback address with `parallel` slots (-np): requests in flight share
     each decode step (continuous batching). Stopped on exit; yields the base URL. It runs as its users run it: one
-    thread per core and llama.cpp's own threading defaults (`llamacpp.tool_env`)."""
+    thread per core, llama.cpp's own threading defaults (`llamacpp.tool_env`), every layer on a CUDA build's GPU."""
     from .gguf_io import read_gguf
-    from .llamacpp import llama_tool, tool_env
+    from .llamacpp import gpu_layers, llama_tool, tool_env
 
     read_gguf(gguf)
     port = port or free_port()
     threads = n_threads or cpu_threads()
     command = [str(llama_tool("llama-server")), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-               "-np", str(parallel), "-c", str(parallel * ctx_per_slot), "-t", str(threads), "--no-webui"]
+               "-np", str(parallel), "-c", str(parallel * ctx_per_slot), "-t", str(threads), "-ngl", str(gpu_layers()),
+               "--no-webui"]
     with _serving(command, port, "/health", "llama-server", startup_timeout_s, tool_env()) as base_url:
         yield base_url
 

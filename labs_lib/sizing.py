@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from .blockquant import MXFP4, NVFP4, IntGroup, PerChannel, PerTensor, Scheme
 from .errors import LabsError
 
-__all__ = ["ModelShape", "SHAPES", "FORMATS", "checkpoint_bytes", "LAB_COPIES", "lab_memory_plan", "SPARK_MEMORY_GB",
-           "calibration_memory_plan"]
+__all__ = ["ModelShape", "SHAPES", "FORMATS", "checkpoint_bytes", "LabWorkload", "LAB_WORKLOADS", "lab_memory_plan",
+           "SPARK_MEMORY_GB", "calibration_memory_plan"]
 
 # DGX Spark: 128 GB LPDDR5x shared by CPU and GPU (nvidia.com/en-us/products/workstations/dgx-spark/)
 SPARK_MEMORY_GB = 128
@@ -122,23 +122,40 @@ def checkpoint_bytes(shape: ModelShape, fmt: str, kept_bytes_per_param: int = 2)
             "ratio_vs_bf16": bf16_total / (quantized + kept)}
 
 
-# The most model copies a lab holds at once: the base model and the variant being measured (2), except these.
-# lab 10: the model, a smoothed copy and its W8A8 copy; lab 11 trains: the teacher, an FP32 student (2 BF16 copies'
-# worth), its gradients (2) and AdamW's two moments (4)
-LAB_COPIES = {"01": 1, "10": 3, "11": 9}
+@dataclass(frozen=True)
+class LabWorkload:
+    """What a lab holds at its peak besides one model: more model copies, and the token windows whose full-vocabulary
+    logits one evaluation step keeps (each entry `bytes_per_logit` wide)."""
+
+    copies: int = 2  # the base model and the variant being measured
+    eval_windows: int = 4  # labs_lib.evaluate.perplexity's batch
+    # perplexity: the model's logits (2 bytes in BF16, 4 in FP32), their float32 copy and log-softmax (4 + 4)
+    bytes_per_logit: int = 10
+
+
+# Each lab's workload, as data. Lab 01 evaluates nothing; Lab 07 scores through lm-eval (HFLM batch 32: BF16
+# logits and their float32 log-softmax, labs_lib.benchmark.evaluate_built); Lab 10 holds the model, a smoothed copy
+# and its W8A8 copy; Lab 11 trains: the teacher, an FP32 student (2 BF16 copies' worth), its gradients (2) and
+# AdamW's two moments (4).
+LAB_WORKLOADS: dict[str, LabWorkload] = {"01": LabWorkload(copies=1, eval_windows=0),
+                                         "07": LabWorkload(eval_windows=32, bytes_per_logit=6),
+                                         "10": LabWorkload(copies=3), "11": LabWorkload(copies=9)}
 
 
 def lab_memory_plan(shape: ModelShape, lab: str, bytes_per_param: int = 2, calib_samples: int = 128,
-                    seq_len: int = 512, window: int = 1024, eval_batch: int = 4) -> dict[str, float]:
+                    seq_len: int = 512, window: int = 1024, fixed_bytes: int = 0) -> dict[str, float]:
     """Bytes a lab needs for a model: its model copies, the calibration activations of one layer (inputs and
-    outputs, kept for the layer-by-layer methods) and the float32 logits of one evaluation batch."""
-    copies = LAB_COPIES.get(lab, 2)
+    outputs, kept for the layer-by-layer methods), one evaluation step (its logits and the widest activations of a
+    layer) and `fixed_bytes` that do not depend on the model (the process itself on a CPU, Lab 06's GPU benchmark)."""
+    work = LAB_WORKLOADS.get(lab, LabWorkload())
     weights = shape.params * bytes_per_param
     activations = 2 * calib_samples * seq_len * shape.hidden * bytes_per_param
-    logits = 2 * eval_batch * window * shape.vocab * 4  # logits in float32 and their log-softmax
-    total = copies * weights + activations + logits
-    return {"weights_bytes": weights, "copies": copies, "activation_bytes": activations,
-            "logit_bytes": logits, "total_bytes": total}
+    tokens = work.eval_windows * window
+    logits = tokens * shape.vocab * work.bytes_per_logit
+    forward = tokens * (3 * shape.intermediate + 4 * shape.hidden) * bytes_per_param
+    total = work.copies * weights + activations + logits + forward + fixed_bytes
+    return {"weights_bytes": weights, "copies": work.copies, "activation_bytes": activations,
+            "logit_bytes": logits, "forward_bytes": forward, "fixed_bytes": fixed_bytes, "total_bytes": total}
 
 
 def calibration_memory_plan(shape: ModelShape, fmt: str, bytes_per_param: int, batch: int,
@@ -155,17 +172,29 @@ def calibration_memory_plan(shape: ModelShape, fmt: str, bytes_per_param: int, b
             "output_bytes": checkpoint_bytes(shape, fmt, bytes_per_param)["total_bytes"]}
 
 
+# the columns of the Spark table: labs with the same workload share one
+PLAN_COLUMNS = {"lab 01": ["01"], "labs 02-05, 08, 09": ["02", "03", "04", "05", "08", "09"], "lab 06": ["06"],
+                "lab 07": ["07"], "lab 10": ["10"], "lab 11": ["11"]}
+
+
 def spark_plan_rows(memory_gb: float = SPARK_MEMORY_GB) -> list[dict]:
-    """For each model in SHAPES: parameters, checkpoint sizes, and what the labs need (BF16, full profile)."""
+    """For each model in SHAPES: parameters, checkpoint sizes, and the GB each lab needs (BF16, full profile, on a
+    Spark: Lab 06 adds its FP8 benchmark there), and which labs fit `memory_gb`."""
+    from .training import fp8_comparison_bytes
+
     rows = []
     for name, shape in SHAPES.items():
-        one, two = (lab_memory_plan(shape, lab)["total_bytes"] / 1e9 for lab in ("01", "03"))
+        need = {column: lab_memory_plan(shape, labs[0], fixed_bytes=fp8_comparison_bytes() if labs == ["06"] else 0)
+                ["total_bytes"] / 1e9 for column, labs in PLAN_COLUMNS.items()}
+        fit = [labs for column, labs in PLAN_COLUMNS.items() if need[column] <= memory_gb]
+        labs_fit = sorted(lab for labs in fit for lab in labs)
+        missing = sorted(lab for labs in PLAN_COLUMNS.values() for lab in labs if lab not in labs_fit)
         rows.append({"model": name, "parameters (B)": round(shape.params / 1e9, 2),
                      "BF16 checkpoint GB": round(checkpoint_bytes(shape, "bf16")["total_bytes"] / 1e9, 1),
                      "NVFP4 checkpoint GB": round(checkpoint_bytes(shape, "nvfp4")["total_bytes"] / 1e9, 1),
-                     "lab 01 needs GB (1 copy)": round(one), "labs 02-09 need GB (2 copies)": round(two),
-                     f"labs fit {memory_gb:g} GB": "all" if two <= memory_gb
-                     else ("lab 01" if one <= memory_gb else "none")})
+                     **{f"{column} GB": round(gb) for column, gb in need.items()},
+                     f"labs that fit {memory_gb:g} GB": "none" if not labs_fit
+                     else "all" + (f" but {', '.join(missing)}" if missing else "")})
     return rows
 
 

@@ -18,8 +18,8 @@ from .errors import LabsError
 from .fp8 import convert_to_fp8, convert_to_tensorwise_fp8, gemm_accumulation_error
 from .hardware import device_info
 
-__all__ = ["tiny_llama", "training_batches", "train", "lm_loss", "step_seconds", "mlp_stack", "fp8_step_comparison",
-           "GPU_STEP_FILE", "recorded_gpu_steps"]
+__all__ = ["tiny_llama", "training_batches", "train", "lm_loss", "step_seconds", "mlp_stack", "fp8_comparison_bytes",
+           "fp8_step_comparison", "GPU_STEP_FILE", "recorded_gpu_steps"]
 
 GPU_STEP_FILE = "06_fp8_gpu.json"  # written by `python -m labs_lib.training` on an FP8 GPU
 
@@ -131,6 +131,13 @@ def mlp_stack(hidden: int, blocks: int, device: str = "cuda",
 
 def _square_loss(model, x: torch.Tensor) -> torch.Tensor:
     return model(x).float().square().mean()
+
+
+def fp8_comparison_bytes(hidden: int = 4096, blocks: int = 4) -> int:
+    """GPU bytes fp8_step_comparison holds at its end: four MLP stacks (BF16 eager and compiled, two FP8 paths; five
+    with torchao), each with its BF16 weights and gradients."""
+    stacks = 5 if importlib.util.find_spec("torchao") else 4
+    return stacks * 2 * (blocks * 2 * hidden * 4 * hidden) * 2
 
 
 def fp8_step_comparison(hidden: int = 4096, blocks: int = 4, tokens: int = 8192, steps: int = 20) -> list[dict]:

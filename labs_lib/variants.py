@@ -53,7 +53,7 @@ class Built:
     name: str
     engine: str  # "transformers" (a torch model, evaluated in BF16) or "llama.cpp" (a GGUF file)
     model: Any
-    bits_per_weight: float  # quantized Linear weights, their scales included
+    bits_per_weight: float  # the decoder's Linear weights, their scales included (a GGUF's too: linear_bits_per_weight)
     size_mb: float  # the whole checkpoint: quantized Linears plus every other tensor in BF16 (or the GGUF file)
     build_s: float
     cached: bool = False
@@ -344,14 +344,14 @@ class GGUF:
     qtype: str
 
     def build(self, ctx: BuildContext) -> Built:
-        from .gguf_io import read_gguf
+        from .gguf_io import linear_bits_per_weight, read_gguf
         from .llamacpp import gguf_file, gguf_for
 
         start = time.perf_counter()
         cached = gguf_file(ctx.model_name, self.qtype).is_file()
         path = gguf_for(ctx.model_name, self.qtype)
         info = read_gguf(path)
-        return Built(self.name, "llama.cpp", path, info["bits/weight"], round(info["file_bytes"] / 1e6, 1),
+        return Built(self.name, "llama.cpp", path, linear_bits_per_weight(info), round(info["file_bytes"] / 1e6, 1),
                      round(time.perf_counter() - start, 1), cached)
 
 
@@ -387,6 +387,7 @@ def default_variants(model, window: int = 1024, qat_steps: int = 8, qat_batch: i
                        sensitivity_rows=sensitivity_rows),
         Layerwise(f"GPTQ INT4 g{group.group_size}", GPTQ(group)),
         Layerwise(f"AWQ INT4 g{group.group_size}", AWQ(group)),
+        GGUF("GGUF F16", "F16"),  # llama.cpp's own reference: the GGUF rows below compare with it
         GGUF("GGUF Q8_0", "Q8_0"),
         GGUF("GGUF Q4_K_M", "Q4_K_M"),
     ]

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from labs_lib.benchmark import LlamaCppLM, next_word_items, run_tasks, write_task_data
+from labs_lib.benchmark import LlamaCppLM, next_word_items, paired_accuracy_change, run_tasks, write_task_data
 from labs_lib.blockquant import IntGroup
 from labs_lib.data import calibration_batches, evaluation_tokens
+from labs_lib.errors import LabsError
 from labs_lib.evaluate import perplexity
 from labs_lib.models import EMBEDDED, model_folder
 from labs_lib.rtn import RTN
@@ -49,6 +50,21 @@ def test_local_tasks_run_offline_and_beat_chance_by_more_than_three_stderr(bf16_
     assert results["accuracy"] - 0.25 > 3 * results["accuracy stderr"]
     assert results["bits per byte"] == pytest.approx(math.log2(results["byte perplexity"]))
     assert 1 < results["token perplexity"] < results["word perplexity"]
+
+
+def test_item_correctness_gives_the_accuracy_and_a_paired_error_below_the_unpaired_one(bf16_results):
+    results, _ = bf16_results
+    correct = results["item correct"]
+    assert len(correct) == 100 and set(correct) <= {0.0, 1.0}
+    assert sum(correct) / len(correct) == pytest.approx(results["accuracy"])
+    assert paired_accuracy_change(correct, correct) == (0.0, 0.0)
+    flipped = [1.0 - c if i < 10 else c for i, c in enumerate(correct)]  # ten answers changed, the rest shared
+    change, se = paired_accuracy_change(flipped, correct)
+    d = torch.tensor(flipped, dtype=torch.float64) - torch.tensor(correct, dtype=torch.float64)
+    assert change == pytest.approx(d.mean().item()) and se == pytest.approx(d.std().item() / 10)
+    assert se < math.hypot(results["accuracy stderr"], results["accuracy stderr"])
+    with pytest.raises(LabsError, match="same items"):
+        paired_accuracy_change(correct[:50], correct)
 
 
 def test_lm_eval_perplexity_agrees_with_labs_lib_within_one_percent(bf16_results):

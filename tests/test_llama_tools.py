@@ -131,3 +131,25 @@ def test_the_client_names_a_server_command_when_nothing_listens():
     with pytest.raises(LabsError, match=f"nothing listens at http://127.0.0.1:{port}.*llama-server -m") as error:
         benchmark_endpoint(f"http://127.0.0.1:{port}", "gguf", ["x"], concurrency=2, n_requests=2)
     assert "\n" not in str(error.value)
+
+
+def test_tools_use_the_gpu_only_with_a_cuda_build_and_the_binding_refuses_one_beside_torch(monkeypatch, tmp_path):
+    import types
+
+    from labs_lib import llamacpp
+
+    (tmp_path / "llama-server").touch()
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(tmp_path))
+    monkeypatch.setattr(llamacpp, "default_device", lambda: "cuda")
+    assert (llamacpp.llama_backend(), llamacpp.gpu_layers()) == ("CPU", 0)  # a CPU build: nothing to offload to
+    (tmp_path / "libggml-cuda.so").touch()
+    assert (llamacpp.llama_backend(), llamacpp.gpu_layers()) == ("CUDA", 999)
+    monkeypatch.setattr(llamacpp, "default_device", lambda: "cpu")
+    assert (llamacpp.llama_backend(), llamacpp.gpu_layers()) == ("CPU", 0)
+    # the binding's own libllama folder (llama_cpp/lib): a CUDA build there is refused in a process with torch
+    binding = types.SimpleNamespace(__file__=str(tmp_path / "llama_cpp" / "__init__.py"))
+    (tmp_path / "llama_cpp" / "lib").mkdir(parents=True)
+    llamacpp._check_binding_beside_torch(binding)  # a CPU build: no error
+    (tmp_path / "llama_cpp" / "lib" / "libggml-cuda.so.0").touch()
+    with pytest.raises(LabsError, match="CUDA build of llama.cpp, which crashes when loaded beside torch"):
+        llamacpp._check_binding_beside_torch(binding)

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from labs_lib.blockquant import NVFP4, PerTensor
 from labs_lib.errors import LabsError
 from labs_lib.fake_quant import fake_quantized_copy
-from labs_lib.qat import QATLinear, distill, prepare_qat, remove_qat, ste_fake_quantize
+from labs_lib.qat import QATLinear, distill, distillation_loss, held_out_kl, prepare_qat, remove_qat, ste_fake_quantize
 from labs_lib.sensitivity import (block_linears, effective_bits, mixed_precision_copy, pick_under_budget,
                                   quantized_in_place)
 
@@ -53,6 +53,18 @@ def test_qat_student_computes_the_ptq_model_trains_only_linears_and_distillation
     remove_qat(student)
     assert not any(isinstance(m, QATLinear) for m in student.modules())
     assert not any(p.requires_grad for p in student.parameters())
+
+
+def test_held_out_kl_is_the_distillation_loss_per_token_and_zero_for_the_teacher(tiny):
+    tokens = torch.randint(0, 128, (70,), generator=torch.Generator().manual_seed(3))
+    ptq = fake_quantized_copy(tiny, NVFP4())
+    assert held_out_kl(tiny, tiny, tokens, window=16) == 0.0
+    windows = tokens[:64].reshape(4, 16)  # 70 tokens: four whole windows, the last 6 tokens unused
+    with torch.no_grad():
+        expected = distillation_loss(ptq(windows).logits, tiny(windows).logits).item()
+    assert held_out_kl(ptq, tiny, tokens, window=16, batch_size=3) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(LabsError, match="at least 16 tokens"):
+        held_out_kl(ptq, tiny, tokens[:10], window=16)
 
 
 def test_single_block_quantization_touches_only_that_block_and_restores_it(tiny):

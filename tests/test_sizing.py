@@ -69,12 +69,38 @@ def test_llama_8b_nvfp4_is_about_six_gb_and_not_3_56x():
     assert 2.6 < nvfp4["ratio_vs_bf16"] < 2.7
 
 
-def test_memory_plan_counts_model_copies():
+def test_memory_plan_counts_copies_and_the_evaluation_step():
     shape = SHAPES["Llama-3.1-8B"]
     one, two = lab_memory_plan(shape, "01"), lab_memory_plan(shape, "03")
-    assert two["total_bytes"] - one["total_bytes"] == pytest.approx(shape.params * 2)
+    step = two["logit_bytes"] + two["forward_bytes"]
+    assert two["total_bytes"] - one["total_bytes"] == pytest.approx(shape.params * 2 + step)
+    # perplexity: 4 windows, BF16 logits, their float32 copy and log-softmax; lm-eval: 32, BF16 + float32 log-softmax
+    assert two["logit_bytes"] == 4 * 1024 * 128256 * 10
+    assert lab_memory_plan(shape, "07")["logit_bytes"] == 32 * 1024 * 128256 * 6
     with pytest.raises(LabsError, match="Unknown format"):
         checkpoint_bytes(shape, "int3")
+
+
+def test_memory_plan_tracks_the_measured_gpu_peaks():
+    """The plan for the embedded model (BF16, full profile) against each lab's peak in the committed GPU run: within a
+    factor of 1.5 either way (the plan counts the large terms, not every temporary)."""
+    import json
+    from pathlib import Path
+
+    from labs_lib.lab import PROFILES
+    from labs_lib.models import EMBEDDED, model_config
+    from labs_lib.training import fp8_comparison_bytes
+
+    shape, full = ModelShape.from_config(model_config(EMBEDDED)), PROFILES["full"]
+    records = sorted((Path(__file__).resolve().parents[1] / "results" / "gpu").glob("[0-9][0-9]_*.json"))
+    assert len(records) >= 10
+    for record in records:
+        data, lab = json.loads(record.read_text()), record.name[:2]
+        fixed = fp8_comparison_bytes() if lab == "06" and data["device"]["native_fp8"] else 0
+        plan = lab_memory_plan(shape, lab, 2, full["calib_samples"], full["seq_len"], full["window"], fixed)
+        ratio = plan["total_bytes"] / 1e9 / data["peak_memory_gb"]
+        gb = plan["total_bytes"] / 1e9
+        assert 1 / 1.5 < ratio < 1.5, f"lab {lab}: plan {gb:.2f} GB, peak {data['peak_memory_gb']} GB"
 
 
 def test_study_guide_memory_table_is_the_computed_one():
