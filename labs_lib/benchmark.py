@@ -26,7 +26,7 @@ from .errors import LabsError
 from .files import write_atomic
 
 __all__ = ["TASK_DIR", "PPL_TASK", "MC_TASK", "next_word_items", "write_task_data", "LlamaCppLM", "run_tasks",
-           "paired_accuracy_change", "evaluate_built", "HUB_TASKS", "run_hub_tasks"]
+           "paired_accuracy_change", "discordant_items", "evaluate_built", "HUB_TASKS", "run_hub_tasks"]
 
 TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
 PPL_TASK, MC_TASK = "labs_ppl", "labs_mc"
@@ -177,6 +177,19 @@ def paired_accuracy_change(correct: list[float], reference: list[float]) -> tupl
         raise LabsError(f"paired accuracy needs the same items, at least 2: got {len(correct)} and {len(reference)}")
     d = torch.tensor(correct, dtype=torch.float64) - torch.tensor(reference, dtype=torch.float64)
     return d.mean().item(), (d.std() / math.sqrt(len(d))).item()
+
+
+def discordant_items(correct: list[float], reference: list[float]) -> dict:
+    """The items only one of two models answers right, and McNemar's exact test on them: under "no difference"
+    each such item is a fair coin, so the two-sided p-value is the binomial tail of the smaller count, doubled. Where
+    few items differ, this is the test to trust, not a normal approximation of the paired error."""
+    if len(correct) != len(reference):
+        raise LabsError(f"paired accuracy needs the same items: got {len(correct)} and {len(reference)}")
+    gained = sum(c > r for c, r in zip(correct, reference))
+    lost = sum(c < r for c, r in zip(correct, reference))
+    n = gained + lost
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n if n else 1.0
+    return {"gained": gained, "lost": lost, "p": min(1.0, 2 * tail)}
 
 
 def _number(value) -> float | None:

@@ -30,7 +30,7 @@ from .hardware import cpu_threads, default_device
 from .files import atomic_path
 
 __all__ = ["QUANT_TYPES", "TOOLS", "require_llama_cpp", "llama_tool", "llama_backend", "gpu_layers",
-           "tool_env", "run_llama_tool", "make_imatrix", "quantize_with_tool", "tool_perplexity",
+           "binding_gpu_layers", "tool_env", "run_llama_tool", "make_imatrix", "quantize_with_tool", "tool_perplexity",
            "tool_windows", "llama_bench", "gguf_file", "convert_with_llama_cpp", "quantize_gguf", "gguf_for",
            "load_gguf", "gguf_perplexity", "gguf_speed", "gguf_generate", "measure_gguf"]
 
@@ -48,7 +48,7 @@ def require_llama_cpp(in_process: bool = True):
     try:
         import llama_cpp
     except ImportError:
-        raise LabsError("llama-cpp-python is not installed: `make llama` builds llama.cpp once (about 20 minutes on "
+        raise LabsError("llama-cpp-python is not installed: `make llama` builds llama.cpp once (about 8 minutes on "
                         "2 cores, kept under $LABS_CACHE/llama.cpp); see TROUBLESHOOTING.md, 'GGUF'.") from None
     if in_process:
         _check_binding_beside_torch(llama_cpp)
@@ -89,6 +89,17 @@ def llama_backend() -> str:
 def gpu_layers() -> int:
     """-ngl for the tools and servers: every layer on the GPU with the CUDA backend, else none."""
     return 999 if llama_backend() == "CUDA" else 0
+
+
+def binding_gpu_layers() -> int:
+    """n_gpu_layers for llama-cpp-python's own server process (no torch in it): every layer where the binding's
+    libllama is a CUDA build and the lab's device is a GPU, else none. The tools may come from another folder."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    folders = [Path(p) / "lib" for p in (spec.submodule_search_locations or [] if spec else [])]
+    cuda = any(any(f.glob("libggml-cuda.so*")) for f in folders)
+    return 999 if cuda and default_device() == "cuda" else 0
 
 
 def _check_binding_beside_torch(llama_cpp) -> None:

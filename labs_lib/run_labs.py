@@ -83,11 +83,14 @@ def run(profile: str | None, model: str | None, labs: list[str] | None, jobs: in
     last_log = json.loads(log_path.read_text()) if log_path.is_file() else {}
     previous = last_log if labs else {}
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    log = {"machine": device_info(), "profile": profile, "started_utc": previous.get("started_utc", started),
+    # a rerun keeps the run's machine and names its own: a lab rerun on another card must not relabel the others
+    log = {"machine": previous.get("machine", device_info()), "profile": profile,
+           "started_utc": previous.get("started_utc", started),
            "jobs": previous.get("jobs", jobs), "cpu_threads_per_lab": int(share.get("LABS_THREADS") or cpu_threads()),
            "labs": previous.get("labs", {})}
     if previous:  # a rerun of some labs joins the machine's run, and says so
-        log["reruns"] = previous.get("reruns", []) + [{"labs": labs, "started_utc": started, "jobs": jobs}]
+        log["reruns"] = previous.get("reruns", []) + [{"labs": labs, "started_utc": started, "jobs": jobs,
+                                                        "machine": device_info()["name"]}]
     notebooks = [nb for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) if not labs or nb.name[:2] in labs]
     if jobs > 1:
         notebooks = longest_first(notebooks, last_log)

@@ -166,9 +166,9 @@ def llama_cpp_server(gguf: Path, port: int | None = None, n_ctx: int = 2048, n_t
 
     By default it leaves one core to the client measuring it: llama.cpp's threads wait for each other at every
     step, so a server on all cores stalls whenever the client runs (measured on 2 cores: 45 vs 35 ms per token). Its
-    own process has no torch, so it takes every layer to the GPU with a CUDA build, as llama-server does."""
+    own process has no torch, so it takes every layer to the GPU where the binding's own libllama is a CUDA build."""
     from .gguf_io import read_gguf
-    from .llamacpp import gpu_layers, require_llama_cpp
+    from .llamacpp import binding_gpu_layers, require_llama_cpp
 
     require_llama_cpp(in_process=False)  # its libllama loads in the server's own process, without torch
     read_gguf(gguf)  # a missing or damaged file gets a clear error here, not a server that dies at start
@@ -181,7 +181,7 @@ def llama_cpp_server(gguf: Path, port: int | None = None, n_ctx: int = 2048, n_t
     threads = n_threads or max(1, cpu_threads() - 1)
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
-               "--n_gpu_layers", str(gpu_layers()),
+               "--n_gpu_layers", str(binding_gpu_layers()),
                "--interrupt_requests", "False"]  # queue concurrent requests (its default cancels the running one)
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     with _serving(command, port, "/v1/models", "llama-cpp-python's server", startup_timeout_s, env) as base_url:

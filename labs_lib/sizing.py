@@ -136,7 +136,8 @@ class LabWorkload:
 # Each lab's workload, as data. Lab 01 evaluates nothing; Lab 07 scores through lm-eval (HFLM batch 32: BF16
 # logits and their float32 log-softmax, labs_lib.benchmark.evaluate_built); Lab 10 holds the model, a smoothed copy
 # and its W8A8 copy; Lab 11 trains: the teacher, an FP32 student (2 BF16 copies' worth), its gradients (2) and
-# AdamW's two moments (4).
+# AdamW's two moments (4), counted for every parameter although only the Linears train; the training step's
+# activations are not counted.
 LAB_WORKLOADS: dict[str, LabWorkload] = {"01": LabWorkload(copies=1, eval_windows=0),
                                          "07": LabWorkload(eval_windows=32, bytes_per_logit=6),
                                          "10": LabWorkload(copies=3), "11": LabWorkload(copies=9)}
@@ -184,8 +185,9 @@ def spark_plan_rows(memory_gb: float = SPARK_MEMORY_GB) -> list[dict]:
 
     rows = []
     for name, shape in SHAPES.items():
-        need = {column: lab_memory_plan(shape, labs[0], fixed_bytes=fp8_comparison_bytes() if labs == ["06"] else 0)
-                ["total_bytes"] / 1e9 for column, labs in PLAN_COLUMNS.items()}
+        lab06 = fp8_comparison_bytes(stacks=4)  # labs_lib's paths, whatever this machine has installed
+        need = {column: lab_memory_plan(shape, labs[0], fixed_bytes=lab06 if labs == ["06"] else 0)["total_bytes"] / 1e9
+                for column, labs in PLAN_COLUMNS.items()}
         fit = [labs for column, labs in PLAN_COLUMNS.items() if need[column] <= memory_gb]
         labs_fit = sorted(lab for labs in fit for lab in labs)
         missing = sorted(lab for labs in PLAN_COLUMNS.values() for lab in labs if lab not in labs_fit)

@@ -133,10 +133,10 @@ def _square_loss(model, x: torch.Tensor) -> torch.Tensor:
     return model(x).float().square().mean()
 
 
-def fp8_comparison_bytes(hidden: int = 4096, blocks: int = 4) -> int:
-    """GPU bytes fp8_step_comparison holds at its end: four MLP stacks (BF16 eager and compiled, two FP8 paths; five
-    with torchao), each with its BF16 weights and gradients."""
-    stacks = 5 if importlib.util.find_spec("torchao") else 4
+def fp8_comparison_bytes(hidden: int = 4096, blocks: int = 4, stacks: int | None = None) -> int:
+    """GPU bytes fp8_step_comparison holds at its end: `stacks` MLP stacks (default: BF16 eager and compiled, two FP8
+    paths, and torchao's where it is installed), each with its BF16 weights and gradients."""
+    stacks = stacks or (5 if importlib.util.find_spec("torchao") else 4)
     return stacks * 2 * (blocks * 2 * hidden * 4 * hidden) * 2
 
 

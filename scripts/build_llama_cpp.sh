@@ -30,7 +30,7 @@ HOME_DIR="$CACHE/llama.cpp/$VERSION-$(echo "$FLAGS $TOOLS" | sha1sum | cut -c1-1
 SRC="$HOME_DIR/llama_cpp_python-$VERSION"
 
 if [ ! -f "$HOME_DIR/built" ]; then
-  echo "Building llama.cpp ($VERSION's vendored copy) once: about 20 minutes on 2 cores, into $HOME_DIR"
+  echo "Building llama.cpp ($VERSION's vendored copy) once: about 8 minutes on 2 cores, into $HOME_DIR"
   mkdir -p "$HOME_DIR"
   [ -d "$SRC" ] || {
     if [ -n "${LLAMA_CPP_SDIST:-}" ]; then

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from labs_lib.benchmark import LlamaCppLM, next_word_items, paired_accuracy_change, run_tasks, write_task_data
+from labs_lib.benchmark import (LlamaCppLM, discordant_items, next_word_items, paired_accuracy_change, run_tasks,
+                                write_task_data)
 from labs_lib.blockquant import IntGroup
 from labs_lib.data import calibration_batches, evaluation_tokens
 from labs_lib.errors import LabsError
@@ -65,6 +66,20 @@ def test_item_correctness_gives_the_accuracy_and_a_paired_error_below_the_unpair
     assert se < math.hypot(results["accuracy stderr"], results["accuracy stderr"])
     with pytest.raises(LabsError, match="same items"):
         paired_accuracy_change(correct[:50], correct)
+
+
+def test_discordant_items_give_mcnemars_exact_p_value():
+    from scipy.stats import binomtest
+
+    reference = [1.0] * 60 + [0.0] * 40
+    variant = [0.0] * 4 + [1.0] * 56 + [1.0] * 1 + [0.0] * 39  # 4 lost, 1 gained
+    result = discordant_items(variant, reference)
+    assert (result["gained"], result["lost"]) == (1, 4)
+    assert result["p"] == pytest.approx(binomtest(1, 5, 0.5).pvalue)  # 0.375
+    assert discordant_items(reference, reference) == {"gained": 0, "lost": 0, "p": 1.0}
+    assert discordant_items([0.0] * 12, [1.0] * 12)["p"] == pytest.approx(binomtest(0, 12, 0.5).pvalue)
+    with pytest.raises(LabsError, match="same items"):
+        discordant_items(variant[:10], reference)
 
 
 def test_lm_eval_perplexity_agrees_with_labs_lib_within_one_percent(bf16_results):

@@ -37,6 +37,12 @@ def test_jobs_run_side_by_side_and_log_each_lab(tmp_path, monkeypatch):
     assert log["labs"]["02"]["status"] == "failed: PapermillExecutionError"
     executed = nbformat.read(tmp_path / "executed" / "01_ok.ipynb", as_version=4)
     assert executed.cells[0].outputs[0]["text"] == "42\n"
+    # a rerun of one lab on another machine joins the run, names its machine and keeps the run's
+    monkeypatch.setattr(run_labs, "device_info", lambda: {"device": "cpu", "name": "another machine"})
+    assert run_labs.run("quick", None, ["01"], jobs=1) == 0
+    rerun = json.loads((results / "run_log.json").read_text())
+    assert rerun["machine"] == log["machine"] and rerun["labs"]["02"] == log["labs"]["02"]
+    assert rerun["reruns"][0]["labs"] == ["01"] and rerun["reruns"][0]["machine"] == "another machine"
 
 
 def test_longest_first_puts_new_labs_then_the_slowest_first(tmp_path):
