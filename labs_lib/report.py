@@ -77,13 +77,14 @@ def side_by_side(runs: dict[str, dict]) -> tuple[list[dict], list[dict]]:
 
 
 def committed_agreement(lab: str, root: Path | None = None) -> list[dict]:
-    """The perplexities `lab` recorded in the committed CPU and GPU-quick runs (the same tokens; float32 on the CPU,
-    BF16 on the GPU) and their difference in %; empty where either run has no record of the lab."""
+    """The perplexities `lab` recorded in both the committed CPU and GPU-quick runs (the same tokens; float32 on the
+    CPU, BF16 on the GPU) and their difference in %; empty where either run has no record of the lab."""
     root = Path(root) if root else COMMITTED_RESULTS
     runs = {name: load_run(root / sub) for sub, name in (("", "CPU"), ("gpu-quick", "GPU quick"))}
     if not all(lab in run["records"] for run in runs.values()):
         return []
-    return [row for row in side_by_side(runs)[1] if row["lab"] == lab]
+    return [row for row in side_by_side(runs)[1]  # measures both records hold (a newer one may add its own)
+            if row["lab"] == lab and isinstance(row["GPU quick vs CPU %"], (int, float))]
 
 
 def _lab_section(record: dict, seconds: float | None, machine: str) -> list[str]:

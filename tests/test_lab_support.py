@@ -127,7 +127,8 @@ def test_committed_agreement_compares_the_cpu_and_gpu_quick_records(tmp_path, mo
         folder = tmp_path / sub
         folder.mkdir(exist_ok=True)
         monkeypatch.setenv("LABS_RESULTS_DIR", str(folder))
-        save_results(setup_lab("98", "Agreement test", profile="quick"), {"perplexity W4A4": ppl})
+        newer = {"perplexity added later": 21.0} if sub == "" else {}  # a measure only the newer record has
+        save_results(setup_lab("98", "Agreement test", profile="quick"), {"perplexity W4A4": ppl} | newer)
     assert committed_agreement("98", tmp_path) == [{"lab": "98", "measure": "perplexity W4A4", "CPU": 20.0,
                                                     "GPU quick": 19.5, "GPU quick vs CPU %": -2.5}]
     assert committed_agreement("97", tmp_path) == []  # a lab one run lacks: nothing to compare
