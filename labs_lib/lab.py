@@ -141,7 +141,9 @@ def check_lab_fits(cfg: LabConfig) -> dict:
     plan = lab_memory_plan(shape, cfg.lab, bytes_per_param=torch.finfo(cfg.dtype).bits // 8,
                            calib_samples=cfg.sizes["calib_samples"], seq_len=cfg.sizes["seq_len"],
                            window=cfg.sizes["window"], fixed_bytes=_fixed_bytes(cfg))
-    plan["available_bytes"] = available_memory_bytes(cfg.device)
+    # on a CPU the plan counts the process as it stands, which MemAvailable has already taken off
+    held = plan["fixed_bytes"] if cfg.device == "cpu" else 0
+    plan["available_bytes"] = available_memory_bytes(cfg.device) + held
     if plan["total_bytes"] > plan["available_bytes"]:
         raise LabsError(
             f"Lab {cfg.lab} needs about {plan['total_bytes'] / 1e9:.0f} GB for {cfg.model} ({plan['copies']} copies of "

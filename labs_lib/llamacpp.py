@@ -51,20 +51,16 @@ def require_llama_cpp(in_process: bool = True):
         raise LabsError("llama-cpp-python is not installed: `make llama` builds llama.cpp once (about 8 minutes on "
                         "2 cores, kept under $LABS_CACHE/llama.cpp); see TROUBLESHOOTING.md, 'GGUF'.") from None
     if in_process:
-        _check_binding_beside_torch(llama_cpp)
+        _check_binding_beside_torch()
     return llama_cpp
 
 
 def llama_tool(name: str) -> Path:
     """The path of a llama.cpp C++ tool (`llama-server`, ...): $LLAMA_CPP_BIN, else the folder of the binding's
     libllama (where `make llama` builds them), else the PATH; a LabsError naming `make llama` when it is missing."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_cpp")
-    folders = [os.environ.get("LLAMA_CPP_BIN")] + [str(Path(p) / "lib") for p in
-                                                   (spec.submodule_search_locations or [] if spec else [])]
-    for folder in filter(None, folders):
-        if (Path(folder) / name).is_file():
+    folders = [Path(os.environ["LLAMA_CPP_BIN"])] if os.environ.get("LLAMA_CPP_BIN") else []
+    for folder in folders + _binding_lib_folders():
+        if (folder / name).is_file():
             return Path(folder) / name
     found = shutil.which(name)
     if found:
@@ -94,20 +90,27 @@ def gpu_layers() -> int:
 def binding_gpu_layers() -> int:
     """n_gpu_layers for llama-cpp-python's own server process (no torch in it): every layer where the binding's
     libllama is a CUDA build and the lab's device is a GPU, else none. The tools may come from another folder."""
+    return 999 if _binding_is_cuda() and default_device() == "cuda" else 0
+
+
+def _binding_lib_folders() -> list[Path]:
+    """The folder of llama-cpp-python's libllama (its package's lib/), found without importing the binding."""
     import importlib.util
 
     spec = importlib.util.find_spec("llama_cpp")
-    folders = [Path(p) / "lib" for p in (spec.submodule_search_locations or [] if spec else [])]
-    cuda = any(any(f.glob("libggml-cuda.so*")) for f in folders)
-    return 999 if cuda and default_device() == "cuda" else 0
+    return [Path(p) / "lib" for p in (spec.submodule_search_locations or [] if spec else [])]
 
 
-def _check_binding_beside_torch(llama_cpp) -> None:
+def _binding_is_cuda() -> bool:
+    """Whether the binding's libllama is a CUDA build of llama.cpp (libggml-cuda beside it)."""
+    return any(any(folder.glob("libggml-cuda.so*")) for folder in _binding_lib_folders())
+
+
+def _check_binding_beside_torch() -> None:
     """A LabsError where the binding's libllama is a CUDA build: loaded into a process that has imported torch, it
     crashed (segmentation fault while loading a GGUF, with or without offloaded layers; H100 and H200, CUDA 13.0,
     torch 2.11; the same load without torch ran), which would kill the notebook's kernel without a message."""
-    lib = Path(llama_cpp.__file__).parent / "lib"
-    if "torch" in sys.modules and any(lib.glob("libggml-cuda.so*")):
+    if "torch" in sys.modules and _binding_is_cuda():
         raise LabsError("llama-cpp-python is linked to a CUDA build of llama.cpp, which crashes when loaded beside "
                         "torch in one process. Give the binding a CPU build (`make llama`, without LLAMA_CPP_CUDA=ON) "
                         "and keep a CUDA build for the tools with LLAMA_CPP_BIN; TROUBLESHOOTING.md, 'GGUF'.")

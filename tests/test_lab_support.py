@@ -20,6 +20,20 @@ def test_setup_lab_fills_sizes_from_profile(monkeypatch, capsys):
         setup_lab("99", "test", profile="huge")
 
 
+
+def test_a_lab_that_does_not_fit_is_refused_before_loading(monkeypatch):
+    from labs_lib import lab
+
+    monkeypatch.setattr(lab, "default_device", lambda: "cpu")
+    cfg = setup_lab("03", "test", profile="quick")
+    plan = cfg.memory_plan
+    # MemAvailable excludes what this process already holds, which the plan counts: enough for the rest fits
+    monkeypatch.setattr(lab, "available_memory_bytes", lambda device: plan["total_bytes"] - plan["fixed_bytes"] // 2)
+    lab.check_lab_fits(cfg)
+    monkeypatch.setattr(lab, "available_memory_bytes", lambda device: plan["total_bytes"] - plan["fixed_bytes"] * 2)
+    with pytest.raises(LabsError, match=r"Lab 03 needs about \d+ GB .* Choose a smaller model \(LABS_MODEL\)"):
+        lab.check_lab_fits(cfg)
+
 def test_results_and_report(tmp_path, monkeypatch):
     import matplotlib
 

@@ -147,16 +147,15 @@ def test_tools_use_the_gpu_only_with_a_cuda_build_and_the_binding_refuses_one_be
     monkeypatch.setattr(llamacpp, "default_device", lambda: "cpu")
     assert (llamacpp.llama_backend(), llamacpp.gpu_layers()) == ("CPU", 0)
     # the binding's own libllama folder (llama_cpp/lib): a CUDA build there is refused in a process with torch
-    binding = types.SimpleNamespace(__file__=str(tmp_path / "llama_cpp" / "__init__.py"))
-    (tmp_path / "llama_cpp" / "lib").mkdir(parents=True)
-    llamacpp._check_binding_beside_torch(binding)  # a CPU build: no error
     import importlib.util
 
+    (tmp_path / "llama_cpp" / "lib").mkdir(parents=True)
     spec = types.SimpleNamespace(submodule_search_locations=[str(tmp_path / "llama_cpp")])
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+    llamacpp._check_binding_beside_torch()  # a CPU build: no error
     monkeypatch.setattr(llamacpp, "default_device", lambda: "cuda")
     assert llamacpp.binding_gpu_layers() == 0  # llama-cpp-python's server: its own libllama is a CPU build
     (tmp_path / "llama_cpp" / "lib" / "libggml-cuda.so.0").touch()
     assert llamacpp.binding_gpu_layers() == 999
     with pytest.raises(LabsError, match="CUDA build of llama.cpp, which crashes when loaded beside torch"):
-        llamacpp._check_binding_beside_torch(binding)
+        llamacpp._check_binding_beside_torch()
