@@ -9,7 +9,7 @@ from pathlib import Path
 from .files import write_atomic
 from .results import COMMITTED_RESULTS, results_dir
 
-__all__ = ["build_report", "committed_agreement", "load_run", "markdown_table", "side_by_side"]
+__all__ = ["build_report", "committed_agreement", "load_run", "markdown_table", "run_times_table", "side_by_side"]
 
 # sub-folder of results/ -> column name: each machine's default run, then the runs at the other profile
 MACHINES = {"": "CPU", "gpu": "GPU", "gpu-quick": "GPU quick", "cpu-full": "CPU full"}
@@ -142,6 +142,34 @@ def _text_control(runs: dict[str, dict], ppl: list[dict]) -> str:
              for name in differ if row and row.get(name) != ""]
     return "".join(notes)
 
+
+# Minutes a learner spends reading each lab and doing its exercises: estimates, not measurements (STUDY_GUIDE.md)
+READING_MINUTES = {"01": 40, "02": 50, "03": 50, "04": 45, "05": 40, "06": 45, "07": 40, "08": 45, "09": 45, "10": 45,
+                   "11": 45}
+
+
+def run_times_table(root: Path | None = None) -> str:
+    """STUDY_GUIDE.md's table of run times per lab, in minutes, read from each machine's committed run log, beside
+    the reading estimates: `python -c "from labs_lib.report import run_times_table; print(run_times_table())"`."""
+    root = Path(root) if root else COMMITTED_RESULTS
+    columns = {}
+    for sub in ("", "gpu"):  # each machine's default run: quick on the CPU, full on the GPU
+        log = load_run(root / sub)["log"] if (root / sub).is_dir() else {}
+        if log.get("labs"):
+            jobs = log.get("jobs", 1)
+            at_a_time = "one lab at a time" if jobs == 1 else f"{jobs} labs at a time"
+            columns[f"{MACHINES[sub]} run ({log['profile']}, {log['machine']['name']}, {at_a_time}) min"] = log
+    rows = []
+    for lab, reading in READING_MINUTES.items():
+        row = {"lab": lab}
+        for column, log in columns.items():
+            entry = log["labs"].get(lab)
+            rerun = next((r for r in reversed(log.get("reruns", [])) if lab in r["labs"]), None)
+            note = "" if not rerun else " (rerun alone)" if rerun["jobs"] == 1 else " (rerun)"
+            row[column] = "" if not entry else (f"{entry['seconds'] / 60:.1f}" if entry["status"] == "ok"
+                                                else f"{entry['status']} after {entry['seconds'] / 60:.1f}") + note
+        rows.append(row | {"reading and exercises min (estimate)": reading})
+    return markdown_table(rows)
 
 def build_report(root: Path | None = None) -> Path:
     """Render every machine's run under `root` (default: results/) into root/REPORT.md."""

@@ -167,3 +167,14 @@ def test_report_names_runs_that_read_different_text(tmp_path, monkeypatch):
     (tmp_path / "gpu-quick" / "98.json").write_text(json.dumps(record | {"versions": {"python": "3.12.3"}}))  # 3.12
     report = build_report(tmp_path).read_text()
     assert "GPU quick read different text" in report and "differs by -1.63 %" in report
+
+
+def test_study_guide_run_times_are_the_committed_run_logs():
+    from pathlib import Path
+
+    from labs_lib.report import run_times_table
+
+    guide = (Path(__file__).resolve().parents[1] / "STUDY_GUIDE.md").read_text()
+    table = run_times_table()
+    assert "CPU run (quick" in table and "GPU run (full" in table
+    assert table in guide  # regenerate with: python -c "from labs_lib.report import run_times_table; ..."
