@@ -61,7 +61,7 @@ def llama_tool(name: str) -> Path:
     folders = [Path(os.environ["LLAMA_CPP_BIN"])] if os.environ.get("LLAMA_CPP_BIN") else []
     for folder in folders + _binding_lib_folders():
         if (folder / name).is_file():
-            return Path(folder) / name
+            return folder / name
     found = shutil.which(name)
     if found:
         return Path(found)

@@ -171,6 +171,7 @@ def run_times_table(root: Path | None = None) -> str:
         rows.append(row | {"reading and exercises min (estimate)": reading})
     return markdown_table(rows)
 
+
 def build_report(root: Path | None = None) -> Path:
     """Render every machine's run under `root` (default: results/) into root/REPORT.md."""
     root = Path(root) if root else results_dir()

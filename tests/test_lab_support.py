@@ -20,7 +20,6 @@ def test_setup_lab_fills_sizes_from_profile(monkeypatch, capsys):
         setup_lab("99", "test", profile="huge")
 
 
-
 def test_a_lab_that_does_not_fit_is_refused_before_loading(monkeypatch):
     from labs_lib import lab
 
@@ -33,6 +32,7 @@ def test_a_lab_that_does_not_fit_is_refused_before_loading(monkeypatch):
     monkeypatch.setattr(lab, "available_memory_bytes", lambda device: plan["total_bytes"] - plan["fixed_bytes"] * 2)
     with pytest.raises(LabsError, match=r"Lab 03 needs about \d+ GB .* Choose a smaller model \(LABS_MODEL\)"):
         lab.check_lab_fits(cfg)
+
 
 def test_results_and_report(tmp_path, monkeypatch):
     import matplotlib
