@@ -1,5 +1,6 @@
 # Spark Quantization Labs: two commands, each sets up .venv on first use.
-#   make run    execute every lab (profile quick on a CPU, full on a GPU; PROFILE= overrides) and write results/REPORT.md
+#   make run    execute every lab (quick, one at a time on a CPU; full, four at a time on a GPU; PROFILE=, JOBS=
+#               override) and write results/REPORT.md
 #   make test   labs_lib unit tests + nbval on every committed notebook (profile quick)
 # and two set-up steps they run: `make setup` (packages and the embedded model, a few minutes) and
 # `make llama` (llama.cpp for Lab 05 onwards, compiled once: the Python binding and the C++ tools).
@@ -9,6 +10,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 LLAMA_STAMP := $(VENV)/.llama-cpp
 PROFILE ?=
+JOBS    ?=
 # llama-cpp-python has no binary wheel. scripts/build_llama_cpp.sh compiles the llama.cpp its sdist vendors once, as
 # shared libraries plus the C++ tools (llama-quantize, llama-imatrix, llama-perplexity, llama-bench, llama-server),
 # about 8 minutes on 2 cores (449 s measured), under $(LABS_CACHE)/llama.cpp keyed by version and flags (a second
@@ -48,7 +50,7 @@ $(LLAMA_STAMP): $(STAMP) scripts/build_llama_cpp.sh
 	touch $@
 
 run: $(STAMP) $(LLAMA_STAMP)
-	$(PY) -m labs_lib.run_labs $(if $(PROFILE),--profile $(PROFILE))
+	$(PY) -m labs_lib.run_labs $(if $(PROFILE),--profile $(PROFILE)) $(if $(JOBS),--jobs $(JOBS))
 
 report: $(STAMP)
 	$(PY) -c "from labs_lib.report import build_report; print(build_report())"

@@ -80,60 +80,53 @@ def write_task_data(tokenizer, corpus: Corpus, eval_ids: torch.Tensor, window: i
 
 
 class LlamaCppLM(TemplateLM):
-    """An lm-eval model backed by llama.cpp (a GGUF file): log-likelihoods from llama.cpp's logits, reusing the
-    KV cache of a shared prefix (the four choices of an item share their context)."""
+    """An lm-eval model backed by llama.cpp (a GGUF file), which scores in a process of its own
+    (`llamacpp.ScoringProcess`: on the GPU where the tools are a CUDA build, else on the CPU); the choices of an
+    item share their context, evaluated once."""
 
     def __init__(self, path: Path, n_ctx: int = 1024):
-        from .llamacpp import load_gguf
+        from .llamacpp import ScoringProcess
 
         super().__init__()
-        self.llm = load_gguf(path, n_ctx=n_ctx)
+        self.scorer = ScoringProcess(path, n_ctx)
         self.max_length = n_ctx
 
     @property
     def eot_token_id(self) -> int:
-        return self.llm.token_eos()
+        return self.scorer.tokens["eos"]
 
     @property
     def prefix_token_id(self) -> int:
-        return self.llm.token_bos()
+        return self.scorer.tokens["bos"]
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.llm.tokenize(string.encode(), add_bos=False, special=False)
-
-    def _logprobs(self, tokens: list[int], start: int) -> torch.Tensor:
-        """log-softmax rows for positions start..len-1 of `tokens`, evaluating only what the cache does not hold."""
-        llm = self.llm
-        cached = llm.input_ids[: llm.n_tokens].tolist()
-        keep = 0
-        while keep < min(len(cached), len(tokens) - 1) and cached[keep] == tokens[keep]:  # evaluate at least one
-            keep += 1
-        llm.n_tokens = keep
-        llm.eval(tokens[keep:])
-        return torch.log_softmax(torch.from_numpy(llm.scores[start : len(tokens)]).float(), dim=-1)
+        return self.scorer.call("tokenize", texts=[string])[0]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        out = [None] * len(requests)
-        # requests that share a context (the choices of one item) run one after another, so the cache serves them
+        # requests that share a context (the choices of one item) go one after another, so the cache serves them
         order = sorted(range(len(requests)), key=lambda i: requests[i][1])
-        for i in tqdm(order, desc="llama.cpp log-likelihoods", disable=disable_tqdm, leave=False):
-            _, context, continuation = requests[i]
-            inputs = (context + continuation)[-(self.max_length + 1) :][:-1]  # as HFLM: the last token is only a target
-            logprobs = self._logprobs(inputs, len(inputs) - len(continuation))
-            target = torch.tensor(continuation)
-            out[i] = (logprobs.gather(1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all()))
+        # as HFLM: the last token is only a target
+        pairs = [((requests[i][1] + requests[i][2])[-(self.max_length + 1) :][:-1], requests[i][2]) for i in order]
+        scored = []
+        with tqdm(total=len(pairs), desc="llama.cpp log-likelihoods", disable=disable_tqdm, leave=False) as bar:
+            for start in range(0, len(pairs), 64):
+                scored += self.scorer.call("score", requests=pairs[start : start + 64])
+                bar.update(len(pairs[start : start + 64]))
+        out = [None] * len(requests)
+        for i, (logprob, greedy) in zip(order, scored):
+            out[i] = (logprob, greedy)
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-        totals = []
-        for (text,) in tqdm([r.args for r in requests], desc="llama.cpp rolling", disable=disable_tqdm, leave=False):
-            total = 0.0
-            for context, target in map(make_disjoint_window, get_rolling_token_windows(
-                    self.tok_encode(text), self.prefix_token_id, self.max_length, context_len=1)):
-                total += self._loglikelihood_tokens([(None, context, target)], disable_tqdm=True)[0][0]
-            totals.append(total)
+        windows = [(n, *make_disjoint_window(w)) for n, (text,) in enumerate(r.args for r in requests)
+                   for w in get_rolling_token_windows(self.tok_encode(text), self.prefix_token_id, self.max_length,
+                                                      context_len=1)]
+        scored = self._loglikelihood_tokens([(None, context, target) for _, context, target in windows], disable_tqdm)
+        totals = [0.0] * len(requests)
+        for (n, _, _), (logprob, _) in zip(windows, scored):
+            totals[n] += logprob
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -204,7 +197,7 @@ def evaluate_built(built, tokenizer, data_dir: Path, window: int = 1024) -> dict
         try:
             return run_tasks(lm, data_dir)
         finally:
-            lm.llm.close()
+            lm.scorer.close()
     from lm_eval.models.huggingface import HFLM
 
     # log-softmax in float32: in a BF16 model's dtype lm-eval also sums a window's log-probabilities in BF16, which

@@ -146,8 +146,10 @@ class MXFP4(Scheme):
         if self.scale_rule == "floor":
             _, e = torch.frexp(amax)  # floor(log2 amax) = e - 1, exact
             exponent = (e - 1 - FORMATS["fp4_e2m1"].max_exponent).double()
-        else:
-            exponent = torch.ceil(torch.log2(amax / E2M1_MAX))
+        else:  # ceil(log2(amax / 6)) from amax = m * 2^e, m in [0.5, 1): 6 * 2^k = 0.75 * 2^(k+3), so k = e - 3 where
+            # m <= 0.75, else e - 2. Exact on every device (CUDA's log2 is not: some amax = 0.75 came out above -3)
+            mantissa, e = torch.frexp(amax)
+            exponent = (e - 3 + (mantissa > 0.75).int()).double()
         exponent = torch.where(amax == 0, -127.0, exponent)  # an all-zero block takes the smallest scale
         return exponent.clamp(-127, 127)
 

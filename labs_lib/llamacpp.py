@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import math
 import os
@@ -32,7 +33,8 @@ from .files import atomic_path
 __all__ = ["QUANT_TYPES", "TOOLS", "require_llama_cpp", "llama_tool", "llama_backend", "gpu_layers",
            "binding_gpu_layers", "tool_env", "run_llama_tool", "make_imatrix", "quantize_with_tool", "tool_perplexity",
            "tool_windows", "llama_bench", "gguf_file", "convert_with_llama_cpp", "quantize_gguf", "gguf_for",
-           "load_gguf", "gguf_perplexity", "gguf_speed", "gguf_generate", "measure_gguf"]
+           "load_gguf", "scoring_library", "ScoringProcess", "gguf_perplexity", "gguf_speed", "gguf_generate",
+           "measure_gguf"]
 
 QUANT_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
 # the C++ tools `make llama` builds next to the binding's libllama (scripts/build_llama_cpp.sh)
@@ -294,6 +296,62 @@ def load_gguf(path: Path, n_ctx: int = 1024, logits_all: bool = True):
     llama_cpp = require_llama_cpp()
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
                            n_threads=cpu_threads(), n_gpu_layers=0, verbose=False)
+
+
+def scoring_library() -> Path | None:
+    """The folder of the CUDA build whose libllama ScoringProcess loads: the tools' folder where llama_backend() is
+    CUDA and it holds libllama.so; else None (the binding's own build, on the CPU)."""
+    if llama_backend() != "CUDA":
+        return None
+    folder = llama_tool("llama-server").parent
+    return folder if (folder / "libllama.so").is_file() else None
+
+
+class ScoringProcess:
+    """labs_lib/gguf_worker.py in a process of its own, without torch: llama.cpp on the GPU (every layer) where the
+    tools are a CUDA build with its libllama, else on this lab's CPU cores (`backend` says which). `call` blocks;
+    `close` stops it."""
+
+    def __init__(self, path: Path, n_ctx: int = 1024):
+        from .gguf_io import read_gguf
+
+        read_gguf(path)  # a clear error for a missing or damaged file, before llama.cpp sees it
+        require_llama_cpp(in_process=False)
+        env = tool_env()  # llama.cpp's own threading defaults, as its tools: no torch threads share the cores here
+        folder = scoring_library()
+        self.backend = "CUDA" if folder else "CPU"
+        if folder:
+            env["LLAMA_CPP_LIB_PATH"] = str(folder)
+        self._log = tempfile.TemporaryFile()
+        command = [sys.executable, str(Path(__file__).with_name("gguf_worker.py")), str(path), str(n_ctx),
+                   str(999 if self.backend == "CUDA" else 0), str(cpu_threads())]
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                         text=True, env=env)
+        self.tokens = self._reply()  # {"eos": id, "bos": id}, once the model is loaded
+
+    def call(self, op: str, **arguments):
+        """One call to the process ("tokenize" with texts=, "score" with requests=); its result."""
+        self._process.stdin.write(json.dumps({"op": op, **arguments}) + "\n")
+        self._process.stdin.flush()
+        return self._reply()
+
+    def _reply(self):
+        line = self._process.stdout.readline()
+        if not line:
+            code = self._process.wait()
+            self._log.seek(0)
+            tail = "\n".join(self._log.read().decode(errors="replace").strip().splitlines()[-4:])
+            raise LabsError(f"llama.cpp's scoring process stopped (exit code {code}):\n{tail}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise LabsError(f"llama.cpp's scoring process failed: {reply['error']}")
+        return reply["result"]
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.stdin.close()
+            self._process.wait(timeout=120)
+        self._log.close()
 
 
 def gguf_perplexity(llm, tokens: torch.Tensor, window: int = 1024, desc: str = "perplexity") -> float:

@@ -6,9 +6,9 @@ The profile follows the device (quick on a CPU, full on a GPU) unless given. A C
 results/executed/; a GPU run writes results/gpu/ and results/executed-gpu/, so the report holds one run per machine.
 A run at the other profile goes beside them (results/gpu-quick/, results/cpu-full/): the GPU's quick run evaluates
 the CPU's exact tokens, which is how the report checks that both machines compute the same perplexities.
---jobs N executes N labs at a time, each in its own kernel (a GPU machine has the cores and memory for it), the
-longest first by this machine's last log, so the run ends sooner, and each on its share of the CPU cores
-($LABS_THREADS); the log records N, since labs that share a machine take longer each.
+--jobs N executes N labs at a time, each in its own kernel, the longest first by this machine's last log, so the run
+ends sooner, and each on its share of the CPU cores ($LABS_THREADS); the log records N, since labs that share a machine
+take longer each. By default (default_jobs) a GPU runs four labs of the embedded model at a time, a CPU one.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from .files import write_atomic
 from .hardware import cpu_threads, default_device, device_info
 from .lab import default_profile
+from .models import EMBEDDED
 from .report import build_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,15 +60,23 @@ def _set_environment(values: dict[str, str]) -> None:
     os.environ.update(values)
 
 
+def default_jobs(device: str, model: str | None) -> int:
+    """Labs at a time: 4 on a GPU with the embedded model (each lab's peak was at most 8.7 GB on an H200, and most of
+    a lab's time is not GPU-bound), else 1: a CPU's cores, or a learner's own model, are for one lab at a time."""
+    return 4 if device == "cuda" and model in (None, EMBEDDED) else 1
+
+
 def longest_first(notebooks: list[Path], last_log: dict) -> list[Path]:
     """The labs ordered by their time in `last_log`, longest first; a lab without a time (new) goes first."""
     seconds = {lab: entry.get("seconds", 0) for lab, entry in last_log.get("labs", {}).items()}
     return sorted(notebooks, key=lambda nb: -seconds.get(nb.name[:2], float("inf")))
 
 
-def run(profile: str | None, model: str | None, labs: list[str] | None, jobs: int = 1) -> int:
-    """Execute the labs (all, or `labs`), `jobs` at a time; log each lab's status, wall time and the run's machine."""
+def run(profile: str | None, model: str | None, labs: list[str] | None, jobs: int | None = None) -> int:
+    """Execute the labs (all, or `labs`), `jobs` at a time (default_jobs); log each lab's status, wall time and the
+    run's machine."""
     device = default_device()
+    jobs = jobs or default_jobs(device, model or os.environ.get("LABS_MODEL"))
     profile = profile or default_profile()
     results, executed = machine_folders(device, profile)
     results.mkdir(parents=True, exist_ok=True)
@@ -86,7 +95,8 @@ def run(profile: str | None, model: str | None, labs: list[str] | None, jobs: in
     # a rerun keeps the run's machine and names its own: a lab rerun on another card must not relabel the others
     log = {"machine": previous.get("machine", device_info()), "profile": profile,
            "started_utc": previous.get("started_utc", started),
-           "jobs": previous.get("jobs", jobs), "cpu_threads_per_lab": int(share.get("LABS_THREADS") or cpu_threads()),
+           "jobs": previous.get("jobs", jobs),
+           "cpu_threads_per_lab": previous.get("cpu_threads_per_lab", int(share.get("LABS_THREADS") or cpu_threads())),
            "labs": previous.get("labs", {})}
     if previous:  # a rerun of some labs joins the machine's run, and says so
         log["reruns"] = previous.get("reruns", []) + [{"labs": labs, "started_utc": started, "jobs": jobs,
@@ -120,9 +130,10 @@ def main() -> None:
     parser.add_argument("--model", default=None,
                         help="Hugging Face id or local folder (default: LABS_MODEL or the embedded model)")
     parser.add_argument("--labs", nargs="*", help="two-digit lab numbers to run (default: all)")
-    parser.add_argument("--jobs", type=int, default=1, help="labs executed at a time, each in its own kernel")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="labs executed at a time, each in its own kernel (default: 4 on a GPU, 1 on a CPU)")
     args = parser.parse_args()
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         parser.error("--jobs takes a whole number of at least 1")
     sys.exit(run(args.profile, args.model, args.labs, args.jobs))
 

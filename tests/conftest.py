@@ -1,5 +1,6 @@
 """Shared fixtures: the embedded model (converted once into the cache), its facts, and the embedded corpus."""
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -85,3 +86,16 @@ def nvfp4_export(tmp_path_factory, tokenizer, corpus):
 @pytest.fixture(scope="session")
 def fp8_export(tmp_path_factory, tokenizer, corpus):
     return _modelopt_export(tmp_path_factory, tokenizer, corpus, "FP8_DEFAULT_CFG", "fp8")
+
+
+@pytest.fixture()
+def mxfp4_ceil_blocks() -> tuple[torch.Tensor, list[int]]:
+    """Blocks whose amax / 6 is an exact power of two (amax = 0.75 x 2^k), or just off one, and their exponents
+    ceil(log2(amax / 6)) by exact integer arithmetic."""
+    amax = [0.75 * 2.0**k * f for k in range(-12, 6) for f in (1.0, 1 + 2**-7, 1 - 2**-8)]
+    blocks = torch.tensor([[a] + [a / 4] * 31 for a in amax]).to(torch.bfloat16)
+    expected = []
+    for a in blocks[:, 0].double().tolist():
+        m, e = math.frexp(a / 6)
+        expected.append(e - 1 if m == 0.5 else e)
+    return blocks, expected

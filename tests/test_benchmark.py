@@ -98,7 +98,7 @@ def test_llama_cpp_through_lm_eval_agrees_with_transformers(model, tokenizer, ta
     try:
         ours = run_tasks(lm, task_data[1])
     finally:
-        lm.llm.close()
+        lm.scorer.close()
     theirs = run_tasks(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=32, max_length=1024), task_data[1])
     assert ours["token perplexity"] == pytest.approx(theirs["token perplexity"], rel=2e-3)
     assert abs(ours["accuracy"] - theirs["accuracy"]) <= 0.02  # at most 2 of 100 near-ties may flip

@@ -55,6 +55,11 @@ def test_mxfp4_ocp_scale_rule():
     assert MXFP4().dequantize(q)[2, 0].item() == 6.0  # 7.9 saturates to 6 x 2^0 under the OCP rule
 
 
+def test_mxfp4_ceil_exponent_is_exact_at_powers_of_two(mxfp4_ceil_blocks):
+    blocks, expected = mxfp4_ceil_blocks
+    assert MXFP4(scale_rule="ceil").scale_exponents(blocks).flatten().tolist() == expected
+
+
 def test_mxfp4_ceil_matches_model_optimizer_except_at_ties(bf16_weight):
     packed, scales = modelopt_qtensor.MXFP4QTensor.quantize(bf16_weight.clone(), 32)
     scheme = MXFP4(scale_rule="ceil")

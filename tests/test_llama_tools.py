@@ -144,6 +144,9 @@ def test_tools_use_the_gpu_only_with_a_cuda_build_and_the_binding_refuses_one_be
     assert (llamacpp.llama_backend(), llamacpp.gpu_layers()) == ("CPU", 0)  # a CPU build: nothing to offload to
     (tmp_path / "libggml-cuda.so").touch()
     assert (llamacpp.llama_backend(), llamacpp.gpu_layers()) == ("CUDA", 999)
+    assert llamacpp.scoring_library() is None  # Lab 07's scoring process needs the build's libllama too
+    (tmp_path / "libllama.so").touch()
+    assert llamacpp.scoring_library() == tmp_path
     monkeypatch.setattr(llamacpp, "default_device", lambda: "cpu")
     assert (llamacpp.llama_backend(), llamacpp.gpu_layers()) == ("CPU", 0)
     # the binding's own libllama folder (llama_cpp/lib): a CUDA build there is refused in a process with torch
@@ -159,3 +162,35 @@ def test_tools_use_the_gpu_only_with_a_cuda_build_and_the_binding_refuses_one_be
     assert llamacpp.binding_gpu_layers() == 999
     with pytest.raises(LabsError, match="CUDA build of llama.cpp, which crashes when loaded beside torch"):
         llamacpp._check_binding_beside_torch()
+
+
+@needs_tools
+def test_the_scoring_process_agrees_with_the_binding_here_and_reports_errors(f16, corpus, tmp_path):
+    import numpy as np
+    import torch
+
+    from labs_lib.llamacpp import ScoringProcess, load_gguf
+
+    with pytest.raises(LabsError, match="missing.gguf"):
+        ScoringProcess(tmp_path / "missing.gguf")
+    scorer = ScoringProcess(f16, n_ctx=256)
+    try:
+        assert scorer.backend == "CPU"
+        tokens = scorer.call("tokenize", texts=[corpus.evaluation[:4000]])[0][:200]
+        # the continuation is the targets of the last 50 positions: tokens[150:] after tokens[:150]
+        [[logprob, greedy]] = scorer.call("score", requests=[[tokens[:-1], tokens[150:]]])
+        with pytest.raises(LabsError, match="scoring process failed: TypeError"):
+            scorer.call("score", requests=[[None, [1]]])
+        assert scorer.call("tokenize", texts=["still serving"])[0]  # an error does not end the process
+    finally:
+        scorer.close()
+    llm = load_gguf(f16, n_ctx=256)
+    try:
+        llm.eval(tokens[:-1])
+        rows = torch.log_softmax(torch.from_numpy(np.asarray(llm.scores[149:199], dtype=np.float64)), dim=-1)
+    finally:
+        llm.close()
+    target = torch.tensor(tokens[150:])
+    assert logprob == pytest.approx(rows.gather(1, target[:, None]).sum().item(), rel=1e-6)
+    assert greedy == bool((rows.argmax(-1) == target).all())
+

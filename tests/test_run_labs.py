@@ -43,6 +43,15 @@ def test_jobs_run_side_by_side_and_log_each_lab(tmp_path, monkeypatch):
     rerun = json.loads((results / "run_log.json").read_text())
     assert rerun["machine"] == log["machine"] and rerun["labs"]["02"] == log["labs"]["02"]
     assert rerun["reruns"][0]["labs"] == ["01"] and rerun["reruns"][0]["machine"] == "another machine"
+    assert rerun["jobs"] == 2 and rerun["cpu_threads_per_lab"] == log["cpu_threads_per_lab"]  # the run's share
+
+
+def test_default_jobs_runs_four_embedded_labs_on_a_gpu_and_one_elsewhere():
+    from labs_lib.models import EMBEDDED
+
+    assert run_labs.default_jobs("cuda", None) == run_labs.default_jobs("cuda", EMBEDDED) == 4
+    assert run_labs.default_jobs("cuda", "meta-llama/Llama-3.1-8B-Instruct") == 1
+    assert run_labs.default_jobs("cpu", None) == 1
 
 
 def test_longest_first_puts_new_labs_then_the_slowest_first(tmp_path):
