@@ -10,11 +10,11 @@ import json
 import os
 import sys
 
-import numpy as np
 
+def log_softmax(scores):
+    """log-softmax over the last axis of a numpy array, in float64."""
+    import numpy as np
 
-def log_softmax(scores: np.ndarray) -> np.ndarray:
-    """log-softmax over the last axis, in float64."""
     scores = np.asarray(scores, dtype=np.float64)
     shifted = scores - scores.max(-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
@@ -24,6 +24,8 @@ def score(llm, requests: list) -> list:
     """For each [inputs, continuation]: the continuation's log-likelihood (it is the targets of the last positions of
     inputs + its final token) and whether greedy decoding gives it. A shared prefix of consecutive requests (the
     choices of one item) is evaluated once: the KV cache keeps it."""
+    import numpy as np
+
     out = []
     for inputs, continuation in requests:
         cached = llm.input_ids[: llm.n_tokens].tolist()
@@ -44,7 +46,7 @@ def main() -> None:
     stderr, so they cannot corrupt a reply."""
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    from llama_cpp import Llama
+    from llama_cpp import Llama  # before numpy: a CUDA build's libllama loaded after numpy crashed (H200, CUDA 13.0)
 
     path, n_ctx, gpu_layers, threads = sys.argv[1], *map(int, sys.argv[2:5])
     llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads,

@@ -165,7 +165,8 @@ def run_times_table(root: Path | None = None) -> str:
         for column, log in columns.items():
             entry = log["labs"].get(lab)
             rerun = next((r for r in reversed(log.get("reruns", [])) if lab in r["labs"]), None)
-            note = "" if not rerun else " (rerun alone)" if rerun["jobs"] == 1 else " (rerun)"
+            alone = rerun and (rerun["jobs"] == 1 or len(rerun["labs"]) == 1)
+            note = "" if not rerun else " (rerun alone)" if alone else " (rerun)"
             row[column] = "" if not entry else (f"{entry['seconds'] / 60:.1f}" if entry["status"] == "ok"
                                                 else f"{entry['status']} after {entry['seconds'] / 60:.1f}") + note
         rows.append(row | {"reading and exercises min (estimate)": reading})

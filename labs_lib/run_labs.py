@@ -76,7 +76,9 @@ def run(profile: str | None, model: str | None, labs: list[str] | None, jobs: in
     """Execute the labs (all, or `labs`), `jobs` at a time (default_jobs); log each lab's status, wall time and the
     run's machine."""
     device = default_device()
-    jobs = jobs or default_jobs(device, model or os.environ.get("LABS_MODEL"))
+    notebooks = [nb for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) if not labs or nb.name[:2] in labs]
+    # a rerun of one lab runs, and is logged, one at a time
+    jobs = min(jobs or default_jobs(device, model or os.environ.get("LABS_MODEL")), len(notebooks)) or 1
     profile = profile or default_profile()
     results, executed = machine_folders(device, profile)
     results.mkdir(parents=True, exist_ok=True)
@@ -101,7 +103,6 @@ def run(profile: str | None, model: str | None, labs: list[str] | None, jobs: in
     if previous:  # a rerun of some labs joins the machine's run, and says so
         log["reruns"] = previous.get("reruns", []) + [{"labs": labs, "started_utc": started, "jobs": jobs,
                                                         "machine": device_info()["name"]}]
-    notebooks = [nb for nb in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) if not labs or nb.name[:2] in labs]
     if jobs > 1:
         notebooks = longest_first(notebooks, last_log)
     for nb in notebooks:
