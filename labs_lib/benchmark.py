@@ -195,7 +195,7 @@ def evaluate_built(built, tokenizer, data_dir: Path, window: int = 1024) -> dict
     if built.engine == "llama.cpp":
         lm = LlamaCppLM(built.model, n_ctx=window)
         try:
-            return run_tasks(lm, data_dir)
+            return run_tasks(lm, data_dir) | {"llama.cpp on": lm.scorer.backend}
         finally:
             lm.scorer.close()
     from lm_eval.models.huggingface import HFLM

@@ -46,12 +46,14 @@ def main() -> None:
     stderr, so they cannot corrupt a reply."""
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    from llama_cpp import Llama  # before numpy: a CUDA build's libllama loaded after numpy crashed (H200, CUDA 13.0)
+    # llama_cpp before numpy: with numpy imported first, loading a GGUF with a CUDA build segfaulted (H200, CUDA 13.0)
+    from llama_cpp import Llama, llama_supports_gpu_offload
 
     path, n_ctx, gpu_layers, threads = sys.argv[1], *map(int, sys.argv[2:5])
     llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads,
                 n_gpu_layers=gpu_layers, verbose=False)
-    replies.write(json.dumps({"result": {"eos": llm.token_eos(), "bos": llm.token_bos()}}) + "\n")
+    offload = bool(gpu_layers) and llama_supports_gpu_offload()  # the loaded library's word, not the folder's
+    replies.write(json.dumps({"result": {"eos": llm.token_eos(), "bos": llm.token_bos(), "gpu": offload}}) + "\n")
     replies.flush()
     for line in sys.stdin:
         call = json.loads(line)

@@ -101,7 +101,7 @@ def setup_lab(lab: str, title: str, profile: str | None = None, model: str | Non
     print(f"memory   plan {plan['total_bytes'] / 1e9:.2f} GB ({copies} "
           f"of {plan['weights_bytes'] / 1e9:.2f} GB + activations); {plan['available_bytes'] / 1e9:.0f} GB free")
     print(f"fp4      {fp4_status()}")
-    print(f"run time {recorded_run_times(lab)}")
+    print(f"run time in earlier recorded runs: {recorded_run_times(lab)}")
     return cfg
 
 
@@ -109,6 +109,7 @@ def recorded_run_times(lab: str) -> str:
     """This lab's wall time in the committed main-job runs (run logs in results/, results/gpu/, results/gpu-quick/)."""
     import json
 
+    from .report import rerun_note
     from .results import COMMITTED_RESULTS
 
     results, times = COMMITTED_RESULTS, []
@@ -118,6 +119,7 @@ def recorded_run_times(lab: str) -> str:
         entry = log.get("labs", {}).get(lab)
         if entry and entry["status"] == "ok":
             shared = f", {log['jobs']} labs at a time" if log.get("jobs", 1) > 1 else ""
+            shared = f", {rerun_note(log, lab)}" if rerun_note(log, lab) else shared
             machine = log["machine"]["name"]
             times.append(f"{entry['seconds'] / 60:.1f} min on {machine} ({log['profile']} profile{shared})")
     return "; ".join(times) or "not recorded yet (make run records it)"

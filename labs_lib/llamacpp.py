@@ -309,8 +309,8 @@ def scoring_library() -> Path | None:
 
 class ScoringProcess:
     """labs_lib/gguf_worker.py in a process of its own, without torch: llama.cpp on the GPU (every layer) where the
-    tools are a CUDA build with its libllama, else on this lab's CPU cores (`backend` says which). `call` blocks;
-    `close` stops it."""
+    tools are a CUDA build with its libllama, else on this lab's CPU cores (`backend`: where the loaded library says
+    it offloaded). `call` blocks; `close` stops it."""
 
     def __init__(self, path: Path, n_ctx: int = 1024):
         from .gguf_io import read_gguf
@@ -319,15 +319,15 @@ class ScoringProcess:
         require_llama_cpp(in_process=False)
         env = tool_env()  # llama.cpp's own threading defaults, as its tools: no torch threads share the cores here
         folder = scoring_library()
-        self.backend = "CUDA" if folder else "CPU"
         if folder:
             env["LLAMA_CPP_LIB_PATH"] = str(folder)
         self._log = tempfile.TemporaryFile()
         command = [sys.executable, str(Path(__file__).with_name("gguf_worker.py")), str(path), str(n_ctx),
-                   str(999 if self.backend == "CUDA" else 0), str(cpu_threads())]
+                   str(999 if folder else 0), str(cpu_threads())]
         self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
                                          text=True, env=env)
-        self.tokens = self._reply()  # {"eos": id, "bos": id}, once the model is loaded
+        self.tokens = self._reply()  # {"eos": id, "bos": id, "gpu": offloaded}, once the model is loaded
+        self.backend = "CUDA" if self.tokens["gpu"] else "CPU"
 
     def call(self, op: str, **arguments):
         """One call to the process ("tokenize" with texts=, "score" with requests=); its result."""

@@ -148,6 +148,14 @@ READING_MINUTES = {"01": 40, "02": 50, "03": 50, "04": 45, "05": 40, "06": 45, "
                    "11": 45}
 
 
+def rerun_note(log: dict, lab: str) -> str:
+    """"rerun alone" or "rerun" where `lab` was executed again after its run and joined the run's log, else ""."""
+    rerun = next((r for r in reversed(log.get("reruns", [])) if lab in r["labs"]), None)
+    if not rerun:
+        return ""
+    return "rerun alone" if rerun["jobs"] == 1 or len(rerun["labs"]) == 1 else "rerun"
+
+
 def run_times_table(root: Path | None = None) -> str:
     """STUDY_GUIDE.md's table of run times per lab, in minutes, read from each machine's committed run log, beside
     the reading estimates: `python -c "from labs_lib.report import run_times_table; print(run_times_table())"`."""
@@ -164,9 +172,7 @@ def run_times_table(root: Path | None = None) -> str:
         row = {"lab": lab}
         for column, log in columns.items():
             entry = log["labs"].get(lab)
-            rerun = next((r for r in reversed(log.get("reruns", [])) if lab in r["labs"]), None)
-            alone = rerun and (rerun["jobs"] == 1 or len(rerun["labs"]) == 1)
-            note = "" if not rerun else " (rerun alone)" if alone else " (rerun)"
+            note = f" ({rerun_note(log, lab)})" if rerun_note(log, lab) else ""
             row[column] = "" if not entry else (f"{entry['seconds'] / 60:.1f}" if entry["status"] == "ok"
                                                 else f"{entry['status']} after {entry['seconds'] / 60:.1f}") + note
         rows.append(row | {"reading and exercises min (estimate)": reading})

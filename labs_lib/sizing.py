@@ -134,13 +134,14 @@ class LabWorkload:
 
 
 # Each lab's workload, as data. Lab 01 evaluates nothing; Lab 08 quantizes and exports one copy (its servers are
-# processes of their own, llama.cpp's, not torch's); Lab 07 scores through lm-eval (HFLM batch 32: BF16
-# logits and their float32 log-softmax, labs_lib.benchmark.evaluate_built); Lab 10 holds the model, a smoothed copy
-# and its W8A8 copy; Lab 11 trains: the teacher, an FP32 student (2 BF16 copies' worth), its gradients (2) and
-# AdamW's two moments (4), counted for every parameter although only the Linears train; the training step's
-# activations are not counted.
+# processes of their own, llama.cpp's, not torch's); Labs 03 and 04 on a GPU also run GPTQModel, which loads a copy
+# of its own beside the lab's; Lab 07 scores through lm-eval (HFLM batch 32: BF16 logits and their float32
+# log-softmax, labs_lib.benchmark.evaluate_built); Lab 10 holds the model, a smoothed copy and its W8A8 copy; Lab 11
+# trains: the teacher, an FP32 student (2 BF16 copies' worth), its gradients (2) and AdamW's two moments (4), counted
+# for every parameter although only the Linears train; the training step's activations are not counted.
 LAB_WORKLOADS: dict[str, LabWorkload] = {"01": LabWorkload(copies=1, eval_windows=0),
                                          "08": LabWorkload(copies=1, eval_windows=0),
+                                         "03": LabWorkload(copies=3), "04": LabWorkload(copies=3),
                                          "07": LabWorkload(eval_windows=32, bytes_per_logit=6),
                                          "10": LabWorkload(copies=3), "11": LabWorkload(copies=9)}
 
@@ -176,8 +177,8 @@ def calibration_memory_plan(shape: ModelShape, fmt: str, bytes_per_param: int, b
 
 
 # the columns of the Spark table: labs with the same workload share one
-PLAN_COLUMNS = {"labs 01, 08": ["01", "08"], "labs 02-05, 09": ["02", "03", "04", "05", "09"], "lab 06": ["06"],
-                "lab 07": ["07"], "lab 10": ["10"], "lab 11": ["11"]}
+PLAN_COLUMNS = {"labs 01, 08": ["01", "08"], "labs 02, 05, 09": ["02", "05", "09"], "labs 03, 04": ["03", "04"],
+                "lab 06": ["06"], "lab 07": ["07"], "lab 10": ["10"], "lab 11": ["11"]}
 
 
 def spark_plan_rows(memory_gb: float = SPARK_MEMORY_GB) -> list[dict]:

@@ -71,9 +71,10 @@ def test_llama_8b_nvfp4_is_about_six_gb_and_not_3_56x():
 
 def test_memory_plan_counts_copies_and_the_evaluation_step():
     shape = SHAPES["Llama-3.1-8B"]
-    one, two = lab_memory_plan(shape, "01"), lab_memory_plan(shape, "03")
+    one, two = lab_memory_plan(shape, "01"), lab_memory_plan(shape, "02")
     step = two["logit_bytes"] + two["forward_bytes"]
     assert two["total_bytes"] - one["total_bytes"] == pytest.approx(shape.params * 2 + step)
+    assert lab_memory_plan(shape, "03")["total_bytes"] - two["total_bytes"] == shape.params * 2  # GPTQModel's copy
     # perplexity: 4 windows, BF16 logits, their float32 copy and log-softmax; lm-eval: 32, BF16 + float32 log-softmax
     assert two["logit_bytes"] == 4 * 1024 * 128256 * 10
     assert lab_memory_plan(shape, "07")["logit_bytes"] == 32 * 1024 * 128256 * 6
