@@ -1,5 +1,5 @@
 # Spark Quantization Labs: two commands, each sets up .venv on first use.
-#   make run    execute every lab (quick, one at a time on a CPU; full, four at a time on a GPU; PROFILE=, JOBS=
+#   make run    execute every lab (quick, one at a time on a CPU; full, up to four at a time on a GPU; PROFILE=, JOBS=
 #               override) and write results/REPORT.md
 #   make test   labs_lib unit tests + nbval on every committed notebook (profile quick)
 # and two set-up steps they run: `make setup` (packages and the embedded model, a few minutes) and

@@ -32,6 +32,7 @@ TASK_DIR = Path(__file__).parent / "lm_eval_tasks"
 PPL_TASK, MC_TASK = "labs_ppl", "labs_mc"
 HUB_TASKS = ("wikitext", "arc_easy", "hellaswag", "mmlu")
 WORD = re.compile(r"[A-Za-z]{4,}")
+SCORE_CHUNK = 64  # requests per call to llama.cpp's scoring process: a progress step, and a reply of a few KB
 
 
 def next_word_items(tokenizer, text: str, n_items: int, context_words: int = 24, seed: int = 0) -> list[dict]:
@@ -105,13 +106,16 @@ class LlamaCppLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         # requests that share a context (the choices of one item) go one after another, so the cache serves them
         order = sorted(range(len(requests)), key=lambda i: requests[i][1])
+        if any(not 0 < len(requests[i][2]) <= self.max_length for i in order):
+            raise LabsError(f"LlamaCppLM scores continuations of 1 to {self.max_length} tokens (its n_ctx).")
         # as HFLM: the last token is only a target
         pairs = [((requests[i][1] + requests[i][2])[-(self.max_length + 1) :][:-1], requests[i][2]) for i in order]
         scored = []
         with tqdm(total=len(pairs), desc="llama.cpp log-likelihoods", disable=disable_tqdm, leave=False) as bar:
-            for start in range(0, len(pairs), 64):
-                scored += self.scorer.call("score", requests=pairs[start : start + 64])
-                bar.update(len(pairs[start : start + 64]))
+            for start in range(0, len(pairs), SCORE_CHUNK):
+                chunk = pairs[start : start + SCORE_CHUNK]
+                scored += self.scorer.call("score", requests=chunk)
+                bar.update(len(chunk))
         out = [None] * len(requests)
         for i, (logprob, greedy) in zip(order, scored):
             out[i] = (logprob, greedy)

@@ -6,12 +6,18 @@ LLAMA_CPP_LIB_PATH naming a CUDA build where there is one, then sends one JSON l
 The CPU runs the same code, with the binding's own build.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy is imported after llama_cpp (main)
+    import numpy as np
 
 
-def log_softmax(scores):
+def log_softmax(scores: np.ndarray) -> np.ndarray:
     """log-softmax over the last axis of a numpy array, in float64."""
     import numpy as np
 
@@ -20,7 +26,7 @@ def log_softmax(scores):
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-def score(llm, requests: list) -> list:
+def score(llm, requests: list[list[list[int]]]) -> list[list]:
     """For each [inputs, continuation]: the continuation's log-likelihood (it is the targets of the last positions of
     inputs + its final token) and whether greedy decoding gives it. A shared prefix of consecutive requests (the
     choices of one item) is evaluated once: the KV cache keeps it."""
@@ -35,7 +41,7 @@ def score(llm, requests: list) -> list:
         llm.n_tokens = keep
         llm.eval(inputs[keep:])
         logprobs = log_softmax(llm.scores[len(inputs) - len(continuation) : len(inputs)])
-        target = np.asarray(continuation)
+        target = np.asarray(continuation, dtype=np.int64)
         out.append([float(logprobs[np.arange(len(target)), target].sum()), bool((logprobs.argmax(-1) == target).all())])
     return out
 
@@ -51,7 +57,7 @@ def main() -> None:
 
     path, n_ctx, gpu_layers, threads = sys.argv[1], *map(int, sys.argv[2:5])
     llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, n_threads=threads,
-                n_gpu_layers=gpu_layers, verbose=False)
+                n_threads_batch=threads, n_gpu_layers=gpu_layers, verbose=False)
     offload = bool(gpu_layers) and llama_supports_gpu_offload()  # the loaded library's word, not the folder's
     replies.write(json.dumps({"result": {"eos": llm.token_eos(), "bos": llm.token_bos(), "gpu": offload}}) + "\n")
     replies.flush()

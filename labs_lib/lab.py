@@ -118,8 +118,8 @@ def recorded_run_times(lab: str) -> str:
         log = json.loads(path.read_text()) if path.is_file() else {}
         entry = log.get("labs", {}).get(lab)
         if entry and entry["status"] == "ok":
-            shared = f", {log['jobs']} labs at a time" if log.get("jobs", 1) > 1 else ""
-            shared = f", {rerun_note(log, lab)}" if rerun_note(log, lab) else shared
+            note = rerun_note(log, lab)
+            shared = f", {note}" if note else f", {log['jobs']} labs at a time" if log.get("jobs", 1) > 1 else ""
             machine = log["machine"]["name"]
             times.append(f"{entry['seconds'] / 60:.1f} min on {machine} ({log['profile']} profile{shared})")
     return "; ".join(times) or "not recorded yet (make run records it)"

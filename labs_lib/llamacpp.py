@@ -295,7 +295,7 @@ def load_gguf(path: Path, n_ctx: int = 1024, logits_all: bool = True):
     read_gguf(path)  # a clear error for a missing or damaged file, before llama.cpp sees it
     llama_cpp = require_llama_cpp()
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
-                           n_threads=cpu_threads(), n_gpu_layers=0, verbose=False)
+                           n_threads=cpu_threads(), n_threads_batch=cpu_threads(), n_gpu_layers=0, verbose=False)
 
 
 def scoring_library() -> Path | None:
@@ -322,20 +322,25 @@ class ScoringProcess:
         if folder:
             env["LLAMA_CPP_LIB_PATH"] = str(folder)
         self._log = tempfile.TemporaryFile()
-        command = [sys.executable, str(Path(__file__).with_name("gguf_worker.py")), str(path), str(n_ctx),
+        # -P: the script's folder (labs_lib/) stays off sys.path, so none of its modules shadows a library
+        command = [sys.executable, "-P", str(Path(__file__).with_name("gguf_worker.py")), str(path), str(n_ctx),
                    str(999 if folder else 0), str(cpu_threads())]
         self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
                                          text=True, env=env)
         self.tokens = self._reply()  # {"eos": id, "bos": id, "gpu": offloaded}, once the model is loaded
         self.backend = "CUDA" if self.tokens["gpu"] else "CPU"
 
-    def call(self, op: str, **arguments):
+    def call(self, op: str, **arguments) -> list:
         """One call to the process ("tokenize" with texts=, "score" with requests=); its result."""
-        self._process.stdin.write(json.dumps({"op": op, **arguments}) + "\n")
-        self._process.stdin.flush()
+        try:
+            self._process.stdin.write(json.dumps({"op": op, **arguments}) + "\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            pass  # the process has ended: _reply reports its exit code and the end of its log
         return self._reply()
 
-    def _reply(self):
+    def _reply(self) -> list | dict:
+        """The process's next reply; a LabsError for an error it reports, or with its log's end when it stopped."""
         line = self._process.stdout.readline()
         if not line:
             code = self._process.wait()
@@ -348,10 +353,17 @@ class ScoringProcess:
         return reply["result"]
 
     def close(self) -> None:
-        if self._process.poll() is None:
-            self._process.stdin.close()
-            self._process.wait(timeout=120)
-        self._log.close()
+        """End the process (stdin closed, then killed if it has not ended within 2 minutes) and its log."""
+        try:
+            if self._process.poll() is None:
+                with contextlib.suppress(BrokenPipeError):
+                    self._process.stdin.close()
+                self._process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        finally:
+            self._log.close()
 
 
 def gguf_perplexity(llm, tokens: torch.Tensor, window: int = 1024, desc: str = "perplexity") -> float:

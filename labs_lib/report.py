@@ -172,7 +172,8 @@ def run_times_table(root: Path | None = None) -> str:
         row = {"lab": lab}
         for column, log in columns.items():
             entry = log["labs"].get(lab)
-            note = f" ({rerun_note(log, lab)})" if rerun_note(log, lab) else ""
+            note = rerun_note(log, lab)
+            note = f" ({note})" if note else ""
             row[column] = "" if not entry else (f"{entry['seconds'] / 60:.1f}" if entry["status"] == "ok"
                                                 else f"{entry['status']} after {entry['seconds'] / 60:.1f}") + note
         rows.append(row | {"reading and exercises min (estimate)": reading})

@@ -24,8 +24,10 @@ from pathlib import Path
 
 from .files import write_atomic
 from .hardware import cpu_threads, default_device, device_info
-from .lab import default_profile
-from .models import EMBEDDED
+from .lab import PROFILES, default_profile
+from .models import EMBEDDED, available_memory_bytes, model_config
+from .sizing import ModelShape, lab_memory_plan
+from .training import fp8_comparison_bytes
 from .report import build_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,10 +62,18 @@ def _set_environment(values: dict[str, str]) -> None:
     os.environ.update(values)
 
 
-def default_jobs(device: str, model: str | None) -> int:
-    """Labs at a time: 4 on a GPU with the embedded model (each lab's peak was at most 8.7 GB on an H200, and most of
-    a lab's time is not GPU-bound), else 1: a CPU's cores, or a learner's own model, are for one lab at a time."""
-    return 4 if device == "cuda" and model in (None, EMBEDDED) else 1
+def default_jobs(device: str, model: str | None, free_bytes: int | None = None) -> int:
+    """Labs at a time: on a GPU with the embedded model up to 4, as many as the GPU's free memory holds at the largest
+    lab's memory plan (most of a lab's time is not GPU-bound); else 1: a CPU's cores, or a learner's own model, are
+    for one lab at a time."""
+    if device != "cuda" or model not in (None, EMBEDDED):
+        return 1
+    shape, full = ModelShape.from_config(model_config(EMBEDDED)), PROFILES["full"]
+    labs = [nb.name[:2] for nb in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")]
+    largest = max(lab_memory_plan(shape, lab, 2, full["calib_samples"], full["seq_len"], full["window"],
+                                  fp8_comparison_bytes() if lab == "06" else 0)["total_bytes"] for lab in labs)
+    free = available_memory_bytes("cuda") if free_bytes is None else free_bytes
+    return max(1, min(4, int(free // largest)))
 
 
 def longest_first(notebooks: list[Path], last_log: dict) -> list[Path]:

@@ -193,4 +193,3 @@ def test_the_scoring_process_agrees_with_the_binding_here_and_reports_errors(f16
     target = torch.tensor(tokens[150:])
     assert logprob == pytest.approx(rows.gather(1, target[:, None]).sum().item(), rel=1e-6)
     assert greedy == bool((rows.argmax(-1) == target).all())
-

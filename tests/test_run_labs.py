@@ -49,8 +49,11 @@ def test_jobs_run_side_by_side_and_log_each_lab(tmp_path, monkeypatch):
 def test_default_jobs_runs_four_embedded_labs_on_a_gpu_and_one_elsewhere():
     from labs_lib.models import EMBEDDED
 
-    assert run_labs.default_jobs("cuda", None) == run_labs.default_jobs("cuda", EMBEDDED) == 4
-    assert run_labs.default_jobs("cuda", "meta-llama/Llama-3.1-8B-Instruct") == 1
+    h200 = 140e9  # free bytes of a GPU
+    assert run_labs.default_jobs("cuda", None, h200) == run_labs.default_jobs("cuda", EMBEDDED, h200) == 4
+    assert run_labs.default_jobs("cuda", None, 24e9) == 2  # the largest lab plans about 11.4 GB
+    assert run_labs.default_jobs("cuda", None, 8e9) == 1
+    assert run_labs.default_jobs("cuda", "meta-llama/Llama-3.1-8B-Instruct", h200) == 1
     assert run_labs.default_jobs("cpu", None) == 1
 
 
